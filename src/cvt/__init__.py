@@ -1,0 +1,21 @@
+"""cvt: CvT (Convolutional vision Transformer) faithful to the authors' code, with training, evaluation and export."""
+
+from .config import CvTConfig, DataConfig, PretrainedCfg
+from .flops import count_macs, count_params, model_cost
+from .model import CvT
+from .registry import create_model, list_models, model_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CvT",
+    "CvTConfig",
+    "DataConfig",
+    "PretrainedCfg",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "list_models",
+    "model_config",
+    "model_cost",
+]

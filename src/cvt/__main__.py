@@ -1,0 +1,5 @@
+import sys
+
+from cvt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,412 @@
+"""CvT: Convolutional vision Transformer (Wu et al., ICCV 2021), as the authors' code computes it.
+
+Read top to bottom: activation and norm -> token embedding -> convolutional projection -> attention -> MLP ->
+block -> stage -> model. Module and parameter names follow the authors' code (`patch_embed.proj`,
+`attn.conv_proj_q.conv`, `attn.proj_q`, `mlp.fc1`, `norm1`, ...) so their checkpoints map onto ours with one
+rename: `stage{i}.` -> `stages.{i}.`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import CvTConfig
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation the released CvT weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back to the input dtype, as in the authors' code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescaling the kept ones."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def _activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a convolution along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class ConvEmbed(nn.Module):
+    """Convolutional token embedding: overlapping strided conv, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, padding: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
+        self.norm = LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        return self.norm(x), (h, w)
+
+
+class ConvProjection(nn.Module):
+    """Spatial part of one of q/k/v: depth-wise conv + BatchNorm ("dw_bn") or average pooling ("avg").
+
+    The point-wise part is the attention's `proj_q/k/v` linear layer.
+    """
+
+    def __init__(self, dim: int, kernel: int, stride: int, method: str) -> None:
+        super().__init__()
+        padding = kernel // 2  # official: padding 1 with kernel 3
+        if method == "dw_bn":
+            self.conv = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
+            self.bn = nn.BatchNorm2d(dim)
+        elif method == "avg":
+            self.avg = nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
+        else:
+            raise ValueError(f"no convolutional projection for method {method!r}")
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv(x)) if self.method == "dw_bn" else self.avg(x)
+        return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over convolutionally projected q, k, v.
+
+    Class tokens (if any) sit in front of the spatial tokens and skip the convolutional projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        method: str = "dw_bn",
+        kernel: int = 3,
+        stride_q: int = 1,
+        stride_kv: int = 2,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        num_prefix_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_prefix_tokens = num_prefix_tokens
+        self.scale = dim**-0.5  # official: full stage width, not head_dim
+        self.attn_drop = attn_drop
+        # official "avg" pools k and v only; q passes through unchanged
+        self.conv_proj_q = ConvProjection(dim, kernel, stride_q, method) if method == "dw_bn" else None
+        self.conv_proj_k = ConvProjection(dim, kernel, stride_kv, method) if method != "linear" else None
+        self.conv_proj_v = ConvProjection(dim, kernel, stride_kv, method) if method != "linear" else None
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project tokens (B, N, C) to q, k, v, each (B, heads, N_q or N_kv, head_dim)."""
+        if self.conv_proj_k is None:  # "linear": position-wise projections only (crashes in the official code)
+            q = k = v = x
+        else:
+            prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+            fmap = tokens.transpose(1, 2).unflatten(2, hw)  # (B, HW, C) -> (B, C, H, W)
+
+            def project(proj: ConvProjection | None) -> torch.Tensor:
+                out = tokens if proj is None else proj(fmap)
+                return torch.cat((prefix, out), dim=1) if self.num_prefix_tokens else out
+
+            q, k, v = project(self.conv_proj_q), project(self.conv_proj_k), project(self.conv_proj_v)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, N, C) -> (B, heads, N, head_dim)
+
+        return heads(self.proj_q(q)), heads(self.proj_k(k)), heads(self.proj_v(v))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        q, k, v = self._qkv(x, hw)
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        x = x.transpose(1, 2).flatten(2)  # (B, heads, N, head_dim) -> (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    @torch.no_grad()
+    def attention_weights(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Softmax attention weights (B, heads, N_q, N_kv) for input tokens x (already normalised by norm1)."""
+        q, k, _ = self._qkv(x, hw)
+        return torch.softmax((q.float() @ k.float().transpose(-2, -1)) * self.scale, dim=-1)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> dropout -> fc2 -> dropout."""
+
+    def __init__(self, dim: int, hidden: int, act: str, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = _activation(act)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with convolutional projection attention."""
+
+    def __init__(self, cfg: CvTConfig, stage: int, drop_path: float) -> None:
+        super().__init__()
+        dim = cfg.dims[stage]
+        self.norm1 = LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(
+            dim,
+            cfg.heads[stage],
+            method=cfg.qkv_method[stage],
+            kernel=cfg.qkv_kernel[stage],
+            stride_q=cfg.stride_q[stage],
+            stride_kv=cfg.stride_kv[stage],
+            qkv_bias=cfg.qkv_bias,
+            attn_drop=cfg.attn_drop_rate,
+            proj_drop=cfg.drop_rate,
+            num_prefix_tokens=int(cfg.cls_token[stage]),
+        )
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio[stage]), cfg.act, cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """Token embedding, optional class token and position embedding, then `depth` blocks."""
+
+    def __init__(self, cfg: CvTConfig, stage: int, in_chans: int, drop_path: Sequence[float]) -> None:
+        super().__init__()
+        dim = cfg.dims[stage]
+        kernel, stride, padding = cfg.embed_kernel[stage], cfg.embed_stride[stage], cfg.embed_padding[stage]
+        self.patch_embed = ConvEmbed(in_chans, dim, kernel, stride, padding, cfg.norm_eps)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token[stage] else None
+        self.pos_embed = None
+        if cfg.pos_embed[stage]:
+            self.pos_grid = _stage_grid(cfg, stage, cfg.pos_embed_size)
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(Block(cfg, stage, rate) for rate in drop_path)
+        self.grad_checkpointing = False
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0 if self.cls_token is None else 1
+
+    def _resized_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        if tuple(hw) == self.pos_grid:
+            return self.pos_embed
+        grid = self.pos_embed.transpose(1, 2).unflatten(2, self.pos_grid)  # (1, HW, C) -> (1, C, H, W)
+        grid = F.interpolate(grid, size=hw, mode="bicubic", align_corners=False)
+        return grid.flatten(2).transpose(1, 2)  # (1, C, H', W') -> (1, H'W', C)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Map (B, C_in, H_in, W_in) -> tokens (B, prefix + HW, C) with the class token first, and (H, W)."""
+        x, hw = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self._resized_pos_embed(hw)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, hw, use_reentrant=False)
+            else:
+                x = block(x, hw)
+        return x, hw
+
+    def to_map(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Drop the class token and fold tokens back into a map: (B, prefix + HW, C) -> (B, C, H, W)."""
+        return x[:, self.num_prefix_tokens :].transpose(1, 2).unflatten(2, hw)
+
+
+def _stage_grid(cfg: CvTConfig, stage: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """Token grid of `stage` for an input of `input_size` (H, W)."""
+    h, w = input_size
+    for i in range(stage + 1):
+        k, s, p = cfg.embed_kernel[i], cfg.embed_stride[i], cfg.embed_padding[i]
+        h, w = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
+    return h, w
+
+
+def _init_weights(module: nn.Module) -> None:
+    # official "trunc_norm" init; convolutions keep PyTorch's default
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class CvT(nn.Module):
+    """Convolutional vision Transformer.
+
+    Args:
+        cfg: architecture; see `CvTConfig`.
+    """
+
+    def __init__(self, cfg: CvTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.num_features = cfg.dims[-1]
+        stages, in_chans, reduction = [], cfg.in_chans, 1
+        self.feature_info: list[dict[str, Any]] = []
+        for i in range(cfg.num_stages):
+            # drop-path ramp restarts inside each stage (official), not one schedule over the whole network
+            rates = torch.linspace(0, cfg.drop_path_rate[i], cfg.depths[i], device="cpu").tolist()
+            stages.append(Stage(cfg, i, in_chans, rates))
+            in_chans, reduction = cfg.dims[i], reduction * cfg.embed_stride[i]
+            self.feature_info.append({"num_chs": cfg.dims[i], "reduction": reduction, "module": f"stages.{i}"})
+        self.stages = nn.ModuleList(stages)
+        self.norm = LayerNorm(cfg.dims[-1], eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        self.stages.apply(_init_weights)
+        for stage in self.stages:
+            if stage.cls_token is not None:
+                nn.init.trunc_normal_(stage.cls_token, std=0.02)
+            if stage.pos_embed is not None:
+                nn.init.trunc_normal_(stage.pos_embed, std=0.02)
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)  # official: the head bias keeps its default init
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that should not get weight decay (besides norms and biases)."""
+        names = set()
+        for i, stage in enumerate(self.stages):
+            for attr in ("cls_token", "pos_embed"):
+                if getattr(stage, attr) is not None:
+                    names.add(f"stages.{i}.{attr}")
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in the backward pass to save memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none)."""
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            self.head.to(self.norm.weight.device, self.norm.weight.dtype)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage feature maps (B, C_i, H_i, W_i), at strides given by `feature_info`.
+
+        Args:
+            x: images (B, C, H, W).
+            indices: stages to return; an int n means the last n stages; None means all.
+            intermediates_only: return only the maps and stop after the last requested stage.
+
+        Returns:
+            The list of maps, or (normalised final tokens as from `forward_features`, maps).
+        """
+        num_stages = len(self.stages)
+        if indices is None:
+            wanted = list(range(num_stages))
+        elif isinstance(indices, int):
+            wanted = list(range(num_stages - indices, num_stages))
+        else:
+            wanted = [i % num_stages for i in indices]
+        last = max(wanted) if intermediates_only else num_stages - 1
+        maps = []
+        for i, stage in enumerate(self.stages[: last + 1]):
+            tokens, hw = stage(x)
+            x = stage.to_map(tokens, hw)
+            if i in wanted:
+                maps.append(x)
+        return maps if intermediates_only else (self.norm(tokens), maps)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> normalised last-stage tokens (B, prefix + HW, C), class token first."""
+        for stage in self.stages[:-1]:
+            x = stage.to_map(*stage(x))
+        tokens, _ = self.stages[-1](x)
+        return self.norm(tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens from `forward_features` -> logits (B, classes), or pooled features with `pre_logits`."""
+        # class token if the last stage has one, else the mean of the tokens (official); never squeezed,
+        # so a batch of 1 stays (1, classes) unlike the official head
+        x = x[:, 0] if self.stages[-1].cls_token is not None else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def check_input_size(cfg: CvTConfig, input_size: tuple[int, int]) -> None:
+    """Raise a ValueError if an input of `input_size` (H, W) shrinks to nothing inside the network."""
+    for stage in range(cfg.num_stages):
+        h, w = _stage_grid(cfg, stage, input_size)
+        if h < 1 or w < 1:
+            raise ValueError(f"input size {input_size} is too small: stage {stage} would have a {h}x{w} grid")
+
+
+__all__ = [
+    "CvT",
+    "ConvEmbed",
+    "ConvProjection",
+    "Attention",
+    "Mlp",
+    "Block",
+    "Stage",
+    "QuickGELU",
+    "LayerNorm",
+    "DropPath",
+    "check_input_size",
+    "conv_out_size",
+]
