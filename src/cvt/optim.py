@@ -1,0 +1,163 @@
+"""The paper's optimisation recipe: weight-decay groups, AdamW/SGD, and the warm-up + cosine learning-rate schedule.
+
+The schedule reproduces what the authors' code gets from timm's `CosineLRScheduler` (t_in_epochs=True,
+warmup not a prefix): during the first `warmup_epochs` the rate climbs linearly from `warmup_lr`; afterwards it is
+`min_lr + (base_lr - min_lr) * (1 + cos(pi * t / epochs)) / 2`, with t counted from the start of training, so the
+cosine is already slightly past its top when warm-up ends. In "epoch" mode (the paper's) t is the epoch index and the
+rate changes once per epoch; in "step" mode t = epoch + step / steps_per_epoch and the rate changes every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+SCHEDULE_UNITS = ("epoch", "step")
+
+
+def scaled_lr(lr_per_256: float, global_batch: int, base_batch: int = 256) -> float:
+    """Linear scaling rule: the learning rate for `global_batch` given the rate per `base_batch` images.
+
+    The paper's 2.5e-4 per 256 images gives 2e-3 at a global batch of 2048.
+    """
+    return lr_per_256 * global_batch / base_batch
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Split trainable parameters into a decayed and a non-decayed group.
+
+    No decay for every parameter with at most one dimension (LayerNorm/BatchNorm weights and biases, every bias)
+    and for the names the model lists in `no_weight_decay()` (the class token); convolution and linear weights,
+    depth-wise ones included, are decayed, as in the authors' code.
+
+    Args:
+        model: the model (unwrapped: parameter names must be the model's own).
+        weight_decay: decay of the decayed group.
+        skip: extra parameter names without decay; defaults to `model.no_weight_decay()` when the model has it.
+
+    Returns:
+        Two param-group dicts, decayed first; each carries the parameter names under "names".
+    """
+    if skip is None:
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    skip = set(skip)
+    decay, no_decay = ([], []), ([], [])
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = no_decay if param.ndim <= 1 or name in skip else decay
+        group[0].append(param)
+        group[1].append(name)
+    return [
+        {"params": decay[0], "names": decay[1], "weight_decay": weight_decay},
+        {"params": no_decay[0], "names": no_decay[1], "weight_decay": 0.0},
+    ]
+
+
+def create_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "adamw",
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """AdamW (pre-training) or SGD with Nesterov-free momentum (the paper's fine-tuning), over `param_groups`.
+
+    Args:
+        model: the unwrapped model.
+        name: "adamw" or "sgd".
+        lr: peak learning rate (the schedule overwrites the groups' rate every epoch or step).
+        weight_decay: decay of the decayed group.
+        momentum: SGD momentum.
+        betas: AdamW betas (PyTorch defaults, as the authors' code).
+        eps: AdamW epsilon.
+    """
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; known: adamw, sgd")
+
+
+def cosine_lr(
+    t: float, *, base_lr: float, epochs: float, warmup_epochs: float = 5, warmup_lr: float = 1e-6, min_lr: float = 1e-5
+) -> float:
+    """Learning rate at training time `t` (in epochs, fractional in step mode); see the module docstring."""
+    if t < warmup_epochs:
+        return warmup_lr + t * (base_lr - warmup_lr) / warmup_epochs
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * t / epochs))
+
+
+class WarmupCosineSchedule:
+    """Sets the optimiser's learning rate from `cosine_lr`, per epoch or per step.
+
+    Call `step(epoch, step_in_epoch)` before every optimiser step; the rate is a pure function of the position,
+    so resuming needs nothing but the position (the state dict only records the settings, for checking).
+
+    Args:
+        optimizer: the optimiser whose groups get the rate.
+        base_lr: peak rate.
+        epochs: length of the cosine (the run's epochs).
+        steps_per_epoch: optimiser steps per epoch (used in "step" mode).
+        warmup_epochs: linear warm-up length.
+        warmup_lr: rate at the start of warm-up.
+        min_lr: floor of the cosine.
+        unit: "epoch" (the paper) or "step".
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        base_lr: float,
+        epochs: int,
+        steps_per_epoch: int,
+        warmup_epochs: float = 5,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        unit: str = "epoch",
+    ) -> None:
+        if unit not in SCHEDULE_UNITS:
+            raise ValueError(f"unknown schedule unit {unit!r}; known: {', '.join(SCHEDULE_UNITS)}")
+        self.optimizer = optimizer
+        self.base_lr, self.epochs, self.steps_per_epoch = base_lr, epochs, steps_per_epoch
+        self.warmup_epochs, self.warmup_lr, self.min_lr, self.unit = warmup_epochs, warmup_lr, min_lr, unit
+        self.last_lr = self.lr_at(0, 0)
+
+    def lr_at(self, epoch: int, step_in_epoch: int = 0) -> float:
+        """The rate for optimiser step `step_in_epoch` of `epoch` (both from 0)."""
+        t = float(epoch)
+        if self.unit == "step":
+            t += step_in_epoch / self.steps_per_epoch
+        return cosine_lr(
+            t,
+            base_lr=self.base_lr,
+            epochs=self.epochs,
+            warmup_epochs=self.warmup_epochs,
+            warmup_lr=self.warmup_lr,
+            min_lr=self.min_lr,
+        )
+
+    def step(self, epoch: int, step_in_epoch: int = 0) -> float:
+        """Write the rate for this position into every param group; returns it."""
+        self.last_lr = self.lr_at(epoch, step_in_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.last_lr
+        return self.last_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = ("base_lr", "epochs", "steps_per_epoch", "warmup_epochs", "warmup_lr", "min_lr", "unit", "last_lr")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_lr = state.get("last_lr", self.last_lr)
