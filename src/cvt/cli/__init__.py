@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "cvt.cli.info",
     "cvt.cli.demo",
+    "cvt.cli.ablations",
 )
 
 

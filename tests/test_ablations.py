@@ -1,0 +1,137 @@
+"""The paper's ablations: every variant builds, and its cost differs from CvT-13 by what is counted here by hand."""
+
+import pytest
+import torch
+
+from cvt.ablations import ABLATIONS, BASELINE, PAPER_TABLES, ablation_config, get_ablation, list_ablations, paper_rows
+from cvt.cli import main
+from cvt.config import CvTConfig
+from cvt.flops import count_params, model_cost
+from cvt.model import CvT
+
+CVT_13_PARAMS = 19_997_480  # shared/SPEC.md
+DIMS, DEPTHS = (64, 192, 384), (1, 2, 10)
+GRIDS_224 = (56, 28, 14)  # token grids of the three stages at 224
+TINY = CvTConfig(dims=(16, 48, 96), depths=(1, 1, 1))
+
+
+def meta_params(cfg: CvTConfig) -> int:
+    with torch.device("meta"):
+        return count_params(CvT(cfg))
+
+
+# Hand counts of what each ablation adds to (+) or removes from (-) CvT-13 at 224.
+POS_EMBED = [g * g * c for g, c in zip(GRIDS_224, DIMS, strict=True)]  # 56*56*64, 28*28*192, 14*14*384
+# dw conv (C*3*3, no bias) + BatchNorm (weight, bias) for each of q, k, v, in every block of a stage
+CONV_PROJ = [d * 3 * (c * 9 + 2 * c) for c, d in zip(DIMS, DEPTHS, strict=True)]
+# patch embedding conv weights: kernel 4/2/2 instead of 7/3/3 (biases unchanged)
+PATCH = 64 * 3 * (4 * 4 - 7 * 7) + 192 * 64 * (2 * 2 - 3 * 3) + 384 * 192 * (2 * 2 - 3 * 3)
+EXPECTED_DELTA = {
+    BASELINE: 0,
+    "pos_embed": sum(POS_EMBED),
+    "pos_embed_first": POS_EMBED[0],
+    "pos_embed_last": POS_EMBED[2],
+    "patch_embed": PATCH,
+    "patch_embed_pos_embed": PATCH + sum(POS_EMBED),
+    "kv_stride_1": 0,
+    "linear_proj": -sum(CONV_PROJ),
+    "conv_proj_stage1": -(CONV_PROJ[1] + CONV_PROJ[2]),
+    "conv_proj_stage12": -CONV_PROJ[2],
+    "avg_proj": -sum(CONV_PROJ),  # average pooling has no parameters, and q is not projected spatially
+}
+
+
+def test_hand_counts():
+    # the figures the deltas are built from, written out
+    assert POS_EMBED == [200_704, 150_528, 75_264] and sum(POS_EMBED) == 426_496
+    assert CONV_PROJ == [2_112, 12_672, 126_720]
+    assert PATCH == -436_416
+
+
+def test_every_ablation_has_an_expected_delta():
+    assert list_ablations() == list(EXPECTED_DELTA)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_DELTA))
+def test_param_delta_vs_cvt_13(name):
+    assert meta_params(ablation_config(name)) - CVT_13_PARAMS == EXPECTED_DELTA[name]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_DELTA))
+def test_builds_and_trains_tiny(name):
+    # a narrow CvT-13 with one block per stage, at 32x32; position embeddings laid out for 224 get resampled
+    cfg = ablation_config(name, TINY, num_classes=5)
+    model = CvT(cfg).train()
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # token grids: 32 / 4, / 8, / 16 for both overlapping convs and non-overlapping patches
+    with torch.no_grad():
+        maps = model.eval().forward_intermediates(x, intermediates_only=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(8, 8), (4, 4), (2, 2)]
+
+
+def test_ablation_axes():
+    patch = ablation_config("patch_embed")
+    assert patch.embed_kernel == patch.embed_stride == (4, 2, 2) and patch.embed_padding == (0, 0, 0)
+    assert ablation_config("conv_proj_stage1").qkv_method == ("dw_bn", "linear", "linear")
+    assert ablation_config("kv_stride_1").stride_kv == (1, 1, 1)
+    model = CvT(ablation_config("linear_proj", TINY))
+    assert not any("conv_proj" in n for n, _ in model.named_parameters())
+
+
+def test_kv_stride_1_counts_spec_gmacs():
+    params, macs = model_cost(ablation_config("kv_stride_1"), (224, 224))
+    assert params == CVT_13_PARAMS
+    assert macs / 1e9 == pytest.approx(6.64, rel=0.01)  # spec: 6.64 GMACs; the paper prints 6.55G
+
+
+def test_mac_deltas_by_hand():
+    _, base = model_cost(ablation_config(BASELINE))
+    _, patch = model_cost(ablation_config("patch_embed"))
+    # same output grids, smaller kernels: H*W*C_out*C_in*(k'^2 - k^2) per stage
+    assert patch - base == 56 * 56 * 64 * 3 * (16 - 49) + 28 * 28 * 192 * 64 * (4 - 9) + 14 * 14 * 384 * 192 * (4 - 9)
+    _, linear = model_cost(ablation_config("linear_proj"))
+    _, kv1 = model_cost(ablation_config("kv_stride_1"))
+    # k/v stride 1 attends over the same tokens as linear projection and adds 3 dw convs per block: H*W*C*9 each
+    dw = sum(d * 3 * g * g * c * 9 for g, c, d in zip(GRIDS_224, DIMS, DEPTHS, strict=True))
+    assert dw == 33_868_800
+    assert kv1 - linear == dw
+
+
+def test_on_a_narrow_base_at_small_size():
+    base = CvTConfig(dims=(16, 48, 96), depths=(1, 1, 2), heads=(1, 3, 6), num_classes=10)
+    cfg = ablation_config("pos_embed", base, input_size=(32, 32))
+    assert cfg.dims == base.dims and cfg.pos_embed_size == (32, 32)
+    assert meta_params(cfg) - meta_params(base) == 8 * 8 * 16 + 4 * 4 * 48 + 2 * 2 * 96
+    per_stage = dict(mlp_ratio=4.0, embed_kernel=3, embed_stride=2, embed_padding=1, qkv_method="dw_bn", qkv_kernel=3)
+    per_stage.update(stride_q=1, stride_kv=2, cls_token=False, pos_embed=False, drop_path_rate=0.0)
+    two_stage = CvTConfig(dims=(16, 32), depths=(1, 1), heads=(1, 1), **per_stage)
+    with pytest.raises(ValueError, match="three stages"):
+        ablation_config("pos_embed", two_stage)
+
+
+def test_unknown_ablation_lists_known():
+    with pytest.raises(ValueError, match="known ablations: cvt_13, pos_embed"):
+        get_ablation("no_such")
+
+
+def test_paper_figures():
+    # every table holds the CvT-13 baseline at the spec's 81.6
+    for table in PAPER_TABLES:
+        assert [r.top1 for r, a in paper_rows(table) if a.name == BASELINE] == [81.6]
+    # the spec's summary: linear projection everywhere 80.6 -> 81.6 (Table 8); k/v stride 1 at 6.64 GMACs
+    assert [r.top1 for r, _ in paper_rows("Table 8")] == [80.6, 80.8, 81.0, 81.6]
+    assert get_ablation("kv_stride_1").spec_gmacs == 6.64
+    assert sum(len(a.paper) for a in ABLATIONS) == 4 + 4 + 2 + 4  # rows c-f of Table 5 (a-b are DeiT-S), 6, 7, 8
+
+
+def test_cli(capsys):
+    assert main(["ablations", "--only", "kv_stride_1"]) == 0
+    out = capsys.readouterr().out
+    assert "| Table 7 | a | conv. proj. k/v stride 1 | kv_stride_1 | 19,997,480 | 0 | 6.64 | +2.08 | 6.64 |" in out
+    assert "| 20 | 6.55 | 82.3 | +0.7 |" in out
+    assert "| Table 7 | b | conv. proj. k/v stride 2 | cvt_13 | 19,997,480 | 0 | 4.57 | 0 | 4.57 |" in out
+    assert main(["ablations", "--only", "nope"]) == 2
