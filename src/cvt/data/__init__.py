@@ -1,0 +1,52 @@
+"""Data: datasets (folder, CSV list, tar shards), robust decoding, the authors' augmentation recipe, Mixup/CutMix,
+and a generated dataset.
+
+    from cvt.data import open_dataset, create_train_transform, Mixup, SoftTargetCrossEntropy
+    train = open_dataset("data/shapes", split="train", transform=create_train_transform(64))
+"""
+
+from .auto_augment import RandAugment, RandAugmentConfig, rand_augment_transform
+from .datasets import FolderDataset, ImageDataset, ListDataset, open_dataset, rng_scope, sample_seed
+from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImageError, is_image_file, load_image
+from .mixup import Mixup, SoftTargetCrossEntropy, one_hot_smooth
+from .shards import TarShardDataset, expand_braces, expand_shards, write_shards
+from .synthetic import make_dataset
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RandomErasing,
+    RandomResizedCrop,
+    create_eval_transform,
+    create_train_transform,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "FolderDataset",
+    "ImageDataset",
+    "ListDataset",
+    "Mixup",
+    "RandAugment",
+    "RandAugmentConfig",
+    "RandomErasing",
+    "RandomResizedCrop",
+    "SoftTargetCrossEntropy",
+    "TarShardDataset",
+    "UnreadableImageError",
+    "create_eval_transform",
+    "create_train_transform",
+    "expand_braces",
+    "expand_shards",
+    "is_image_file",
+    "load_image",
+    "make_dataset",
+    "one_hot_smooth",
+    "open_dataset",
+    "rand_augment_transform",
+    "rng_scope",
+    "sample_seed",
+    "write_shards",
+]

@@ -1,0 +1,330 @@
+"""Datasets: a class-per-folder tree, a CSV list file, or sharded tar archives, opened through `open_dataset`.
+
+Every dataset yields `(transform(image), label)` (the PIL image itself without a transform) and exposes `classes`,
+the class names in label order. Folder classes are the sorted sub-folder names; CSV classes are the sorted label
+names, or "0".."K-1" for integer labels; tar classes come from `classes.txt` beside the shards.
+
+Reproducible augmentation (exact resume): map-style datasets seed Python's `random`, numpy's global generator and
+torch's default CPU generator from (seed, epoch, index) around each sample's transform, then restore the previous
+states. The augmented sample i of epoch e is therefore the same whatever the number of loader workers, the batch
+order or where a run resumed; call `set_epoch(epoch)` at the start of each epoch. The tar dataset does the same
+with (seed, epoch, shard, position in the shard).
+
+Unreadable files: with `strict=False` (default) a file that fails to decode is logged once with its name and reason,
+recorded in `skipped`, and replaced by the next readable sample in index order (deterministic, so a batch keeps its
+size); the tar dataset drops it. With `strict=True` the first unreadable file raises `UnreadableImageError`.
+`skipped` counts what this process decoded: with loader workers each worker keeps its own record, so use
+`cvt check-data` for a complete list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "validation", "test")
+
+
+def sample_seed(*keys: int) -> int:
+    """A well-mixed 64-bit seed from non-negative integer keys such as (seed, epoch, index)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+
+
+@contextlib.contextmanager
+def rng_scope(seed: int) -> Iterator[None]:
+    """Seed Python's `random`, numpy's global and torch's default CPU generator; restore all three on exit.
+
+    Only the CPU generator is touched (`torch.manual_seed` would also reseed CUDA), so training randomness in the
+    main process is unaffected by a sample's augmentation.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.default_generator.set_state(torch_state)
+
+
+class ImageDataset(Dataset):
+    """A map-style dataset over a list of (path, label) samples, with robust decoding and seeded augmentation.
+
+    Args:
+        samples: (image path, class index) pairs.
+        classes: class names in label order.
+        transform: PIL image -> anything; None returns the PIL image.
+        strict: raise on the first unreadable file instead of substituting the next readable sample.
+        seed: base of the per-sample augmentation seed.
+        max_pixels: decompression-bomb guard passed to `load_image`.
+        source: what to call the dataset in messages.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        *,
+        transform: Callable | None = None,
+        strict: bool = False,
+        seed: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        source: str = "",
+    ) -> None:
+        if not samples:
+            raise ValueError(f"dataset {source} holds no images")
+        self.samples = samples
+        self.classes = classes
+        self.transform = transform
+        self.strict = strict
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.source = source
+        self.epoch = 0
+        self.skipped: dict[str, str] = {}
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation `__getitem__` reproduces."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[Any, int]:
+        """The decoded image and label at `index`, or of the next readable sample (see the module notes)."""
+        n = len(self.samples)
+        for step in range(n):
+            path, label = self.samples[(index + step) % n]
+            if path in self.skipped:
+                continue
+            try:
+                return load_image(path, max_pixels=self.max_pixels), label
+            except UnreadableImageError as err:
+                if self.strict:
+                    raise
+                self.skipped[path] = err.reason
+                logger.warning(
+                    "skipping unreadable image %s: %s (the next readable sample takes its place; "
+                    "strict=True fails instead)",
+                    path,
+                    err.reason,
+                )
+        raise RuntimeError(f"dataset {self.source}: none of its {n} images can be read (see the warnings above)")
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if index < 0:
+            index += len(self.samples)
+        image, label = self.load(index)
+        if self.transform is None:
+            return image, label
+        with rng_scope(sample_seed(self.seed, self.epoch, index)):
+            return self.transform(image), label
+
+    def summary(self) -> str:
+        """One line: images, classes and unreadable files met so far in this process."""
+        line = f"{len(self.samples)} images in {len(self.classes)} classes from {self.source}"
+        return line + (f"; {len(self.skipped)} unreadable file(s) skipped" if self.skipped else "")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary()}, transform={self.transform!r})"
+
+
+class FolderDataset(ImageDataset):
+    """Images in a class-per-folder tree: `root/<class>/**/<image>` (the ImageFolder layout).
+
+    Classes are the sorted names of the sub-folders (hidden ones excluded); images are files with an image ending
+    (`decode.IMAGE_EXTENSIONS`, any case) at any depth below them, in sorted order. Other files are listed in
+    `ignored`.
+
+    Args:
+        root: the folder.
+        classes: impose this class order (e.g. from a checkpoint); a sub-folder not in it is an error, a missing
+            one is allowed (no images for that class).
+        **kwargs: `ImageDataset` options.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, classes: Sequence[str] | None = None, **kwargs: Any) -> None:
+        root = Path(root)
+        found = class_folders(root)
+        if not found:
+            raise ValueError(f"{root}: no class folders found; expected the layout {root}/<class name>/<image files>")
+        if classes is None:
+            classes = found
+        else:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ValueError(f"{root}: class folder(s) {unknown} are not among the given classes {list(classes)}")
+        self.root = root
+        self.ignored: list[str] = []
+        samples = []
+        for label, name in enumerate(classes):
+            for path in _walk_files(root / name):
+                if is_image_file(path):
+                    samples.append((path, label))
+                else:
+                    self.ignored.append(path)
+        super().__init__(samples, list(classes), source=str(root), **kwargs)
+
+
+def class_folders(root: Path) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of `root`."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _walk_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
+class ListDataset(ImageDataset):
+    """Images listed in a CSV file of `path,label` rows.
+
+    Paths are relative to the CSV's folder unless absolute. Labels are all integers (classes "0".."K-1", K one
+    more than the largest label, unless `classes` is given) or all class names (classes sorted, unless given).
+    An optional header row whose second column reads "label" is skipped; blank lines are ignored.
+
+    Args:
+        path: the CSV file.
+        classes: class names in label order, to impose an order or the names of integer labels.
+        **kwargs: `ImageDataset` options.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, classes: Sequence[str] | None = None, **kwargs: Any) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"list file {path} does not exist")
+        rows = []
+        with open(path, newline="", encoding="utf-8") as f:
+            for lineno, row in enumerate(csv.reader(f), start=1):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != 2:
+                    raise ValueError(f"{path} line {lineno}: expected 2 columns 'path,label', got {len(row)}: {row}")
+                if lineno == 1 and row[1].strip().lower() == "label":
+                    continue
+                rows.append((lineno, row[0].strip(), row[1].strip()))
+        if not rows:
+            raise ValueError(f"{path}: no rows; expected lines of 'path,label'")
+        numeric = [label.lstrip("-").isdigit() for _, _, label in rows]
+        if any(numeric) and not all(numeric):
+            lineno, _, label = rows[numeric.index(not numeric[0])]
+            raise ValueError(f"{path} line {lineno}: label {label!r} mixes names and integers; use one kind")
+        if all(numeric):
+            labels = [int(label) for _, _, label in rows]
+            bad = next(((n, v) for (n, _, _), v in zip(rows, labels, strict=True) if v < 0), None)
+            if bad:
+                raise ValueError(f"{path} line {bad[0]}: label {bad[1]} is negative")
+            num_classes = max(labels) + 1
+            if classes is None:
+                classes = [str(i) for i in range(num_classes)]
+            elif num_classes > len(classes):
+                raise ValueError(f"{path}: label {num_classes - 1} is out of range for {len(classes)} given classes")
+        else:
+            names = [label for _, _, label in rows]
+            if classes is None:
+                classes = sorted(set(names))
+            index = {name: i for i, name in enumerate(classes)}
+            unknown = next(((n, v) for (n, _, _), v in zip(rows, names, strict=True) if v not in index), None)
+            if unknown:
+                raise ValueError(f"{path} line {unknown[0]}: class {unknown[1]!r} is not among {list(classes)}")
+            labels = [index[name] for name in names]
+        samples = [(str(path.parent / file), label) for (_, file, _), label in zip(rows, labels, strict=True)]
+        self.path = path
+        super().__init__(samples, list(classes), source=str(path), **kwargs)
+
+
+def open_dataset(
+    source: str | os.PathLike,
+    *,
+    split: str | None = None,
+    transform: Callable | None = None,
+    strict: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = False,
+    classes: Sequence[str] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> Dataset:
+    """Open a dataset, recognising its format from `source`.
+
+    Args:
+        source: a class-per-folder directory; a directory with split sub-directories (`train/`, `val/`, ...,
+            each a folder tree, a directory of tar shards, or `<split>.csv` beside them); a `.csv` list file;
+            a `.tar` shard; a directory of `.tar` shards; or a brace pattern "shards-{000..009}.tar".
+        split: which split of a directory with split sub-directories.
+        transform: PIL image -> anything (e.g. `create_train_transform(...)`); None yields PIL images.
+        strict: fail on the first unreadable file instead of skipping it.
+        rank: this process's rank; only tar shards are split by rank (map-style datasets leave it to the sampler).
+        world_size: number of ranks.
+        seed: base seed of the per-sample augmentation (and of the tar shard / buffer shuffle).
+        shuffle: tar shards only: shuffle shard order per epoch and samples through a buffer.
+        classes: impose a class order (e.g. a checkpoint's); the data's classes must be among them.
+        max_pixels: decompression-bomb guard (pixels per image).
+
+    Returns:
+        `FolderDataset` or `ListDataset` (map-style, with `classes`, `samples`, `set_epoch`) or
+        `TarShardDataset` (iterable, with `classes`, `set_epoch`).
+    """
+    from .shards import TarShardDataset, expand_shards  # noqa: PLC0415 - avoids a circular import
+
+    text = os.fspath(source)
+    path = Path(text)
+    common: dict[str, Any] = {"transform": transform, "strict": strict, "seed": seed, "max_pixels": max_pixels}
+    if "{" in text or text.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar"))):
+        if split is not None and path.is_dir() and (path / split).exists():
+            return open_dataset(path / split, rank=rank, world_size=world_size, shuffle=shuffle, classes=classes,
+                                **common)  # fmt: skip
+        return TarShardDataset(
+            expand_shards(text), rank=rank, world_size=world_size, shuffle=shuffle, classes=classes, **common
+        )
+    if text.endswith(".csv"):
+        return ListDataset(path, classes=classes, **common)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} does not exist")
+    splits = [s for s in SPLITS if (path / s).is_dir() or (path / f"{s}.csv").is_file()]
+    if splits:
+        if split is None:
+            raise ValueError(f"{path} holds the splits {splits}; pick one with split= (--split on the command line)")
+        if split not in splits:
+            raise ValueError(f"{path} has no split {split!r}; it holds {splits}")
+        target = path / split if (path / split).is_dir() else path / f"{split}.csv"
+        if classes is None and target.is_dir() and not any(target.glob("*.tar")):
+            # the union over the splits, so a class missing from one split cannot shift the labels of another
+            classes = sorted({c for s in splits if (path / s).is_dir() for c in class_folders(path / s)})
+        return open_dataset(target, rank=rank, world_size=world_size, shuffle=shuffle, classes=classes, **common)
+    if split is not None:
+        raise ValueError(f"{path} has no split sub-folders ({', '.join(SPLITS)}), so split={split!r} cannot apply")
+    return FolderDataset(path, classes=classes, **common)

@@ -1,0 +1,315 @@
+"""Sharded tar archives (the webdataset layout) for datasets that do not fit one disk or one directory listing.
+
+A shard is a plain tar file whose members are grouped into samples by key, the member name up to the first dot of
+its base name: `000123.jpg` + `000123.cls` is one sample with key `000123`. A sample needs one image member (any
+ending of `decode.IMAGE_EXTENSIONS`) and a `.cls` member holding the class index as text. Members of a sample must
+be adjacent, as tar writers of this layout store them. The class names live in `classes.txt` (one per line, in
+label order) beside the shards; without it they are "0".."K-1", K found by reading every shard's labels once.
+
+Splitting: shards (after an optional per-epoch shuffle with the same seed on every rank) are dealt round-robin to
+ranks, then each rank's shards round-robin to its loader workers, so every sample is read exactly once per epoch
+across all ranks and workers, provided there are at least as many shards as ranks x workers.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..fileio import atomic_write
+from .datasets import ImageDataset, rng_scope, sample_seed
+from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
+
+logger = logging.getLogger(__name__)
+
+CLASSES_FILE = "classes.txt"
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand "a-{000..002}.tar" into a-000.tar, a-001.tar, a-002.tar (zero padding kept) and "{x,y}" into x, y."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if range_match:
+        lo, hi = range_match.groups()
+        if int(hi) < int(lo):
+            raise ValueError(f"shard pattern {pattern!r}: range {{{body}}} runs backwards")
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        raise ValueError(f"shard pattern {pattern!r}: cannot expand {{{body}}}; use {{000..099}} or {{a,b}}")
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def expand_shards(source: str | os.PathLike) -> list[str]:
+    """The shard files of a brace pattern, a single `.tar` file, or a directory of `.tar` files (sorted)."""
+    text = os.fspath(source)
+    path = Path(text)
+    shards = sorted(str(p) for p in path.glob("*.tar")) if path.is_dir() else expand_braces(text)
+    if not shards:
+        raise FileNotFoundError(f"no .tar shards found at {text}")
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"shard(s) {', '.join(missing[:3])}{more} do not exist (from {text})")
+    return shards
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """Member name -> (key, ending): "dir/000123.seg.png" -> ("dir/000123", "seg.png")."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ending: bytes}) for each sample of a shard, streamed in member order.
+
+    Raises:
+        tarfile.TarError or OSError: the shard is unreadable or ends early (samples before the damage are yielded).
+    """
+    key, files = None, {}
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
+                continue
+            member_key, ext = _split_key(member.name)
+            if member_key != key:
+                if key is not None:
+                    yield key, files
+                key, files = member_key, {}
+            files[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, files
+
+
+def _sample_label(files: dict[str, bytes]) -> int | None:
+    data = files.get("cls")
+    if data is None:
+        return None
+    return int(data.decode("utf-8").strip())
+
+
+class TarShardDataset(IterableDataset):
+    """An iterable dataset over tar shards, split by rank and by loader worker (see the module notes).
+
+    Args:
+        shards: shard paths (see `expand_shards`).
+        transform: PIL image -> anything; None yields PIL images.
+        strict: raise on the first unreadable image, sample without label or damaged shard instead of skipping.
+        rank: this process's rank.
+        world_size: number of ranks.
+        seed: base seed of augmentation and shuffling.
+        shuffle: shuffle the shard order per epoch (same order on every rank) and samples through a buffer.
+        shuffle_buffer: samples held for shuffling per worker.
+        classes: class names in label order; default `classes.txt` beside the first shard.
+        max_pixels: decompression-bomb guard.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        *,
+        transform: Callable | None = None,
+        strict: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = False,
+        shuffle_buffer: int = 1000,
+        classes: Sequence[str] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        if not shards:
+            raise ValueError("TarShardDataset needs at least one shard")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if world_size > len(shards):
+            raise ValueError(
+                f"{len(shards)} shard(s) cannot be split across {world_size} ranks without overlap; "
+                f"write at least {world_size} shards (cvt write-shards --shard-size smaller)"
+            )
+        self.shards = list(shards)
+        self.transform, self.strict = transform, strict
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.max_pixels = max_pixels
+        self.epoch = 0
+        self.skipped: dict[str, str] = {}
+        self._classes = list(classes) if classes is not None else None
+        self._counts: dict[str, int] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order: given, from `classes.txt` beside the shards, or "0".."K-1"."""
+        if self._classes is None:
+            names_file = Path(self.shards[0]).parent / CLASSES_FILE
+            if names_file.is_file():
+                self._classes = [line.strip() for line in names_file.read_text("utf-8").splitlines() if line.strip()]
+            else:
+                labels = {_sample_label(files) for shard in self.shards for _, files in iter_tar_samples(shard)}
+                labels.discard(None)
+                self._classes = [str(i) for i in range(max(labels) + 1)] if labels else []
+        return self._classes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shard order, shuffle and augmentation)."""
+        self.epoch = int(epoch)
+
+    def rank_shards(self) -> list[tuple[int, str]]:
+        """(shard index, path) of the shards this rank reads this epoch."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(sample_seed(self.seed, self.epoch)).shuffle(order)  # identical on every rank
+        return [(i, self.shards[i]) for i in order[self.rank :: self.world_size]]
+
+    def worker_shards(self) -> list[tuple[int, str]]:
+        """(shard index, path) of the shards the calling loader worker reads."""
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = self.rank_shards()[worker::num_workers]
+        if not mine:
+            logger.warning(
+                "rank %d loader worker %d has no shard to read (%d shard(s) for %d worker(s)); use fewer workers "
+                "or more shards",
+                self.rank,
+                worker,
+                len(self.rank_shards()),
+                num_workers,
+            )
+        return mine
+
+    def __len__(self) -> int:
+        """Samples in this rank's shards (counted once from the tar headers)."""
+        return sum(self._count(path) for _, path in self.rank_shards())
+
+    def _count(self, path: str) -> int:
+        if path not in self._counts:
+            with tarfile.open(path, mode="r") as tar:
+                keys = {_split_key(m.name)[0] for m in tar.getmembers() if m.isfile() and is_image_file(m.name)}
+            self._counts[path] = len(keys)
+        return self._counts[path]
+
+    def _skip(self, name: str, reason: str) -> None:
+        if self.strict:
+            raise UnreadableImageError(name, reason)
+        if name not in self.skipped:
+            self.skipped[name] = reason
+            logger.warning("skipping %s: %s (strict=True fails instead)", name, reason)
+
+    def _samples(self) -> Iterator[tuple[Any, int]]:
+        for shard_index, path in self.worker_shards():
+            position = 0
+            try:
+                for key, files in iter_tar_samples(path):
+                    name = f"{path}:{key}"
+                    image_ext = next((ext for ext in files if is_image_file(ext)), None)
+                    try:
+                        label = _sample_label(files)
+                    except ValueError:
+                        label = None
+                    if image_ext is None or label is None:
+                        self._skip(name, f"sample has members {sorted(files)}; it needs an image and a .cls label")
+                        continue
+                    position += 1
+                    try:
+                        image = load_image(files[image_ext], name=f"{name}.{image_ext}", max_pixels=self.max_pixels)
+                    except UnreadableImageError as err:
+                        self._skip(err.path, err.reason)
+                        continue
+                    if self.transform is not None:
+                        with rng_scope(sample_seed(self.seed, self.epoch, shard_index, position - 1)):
+                            image = self.transform(image)
+                    yield image, label
+            except (tarfile.TarError, OSError, EOFError) as err:
+                self._skip(path, f"damaged shard, stopped reading it ({type(err).__name__}: {err})")
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        samples = self._samples()
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        info = get_worker_info()
+        rng = random.Random(sample_seed(self.seed, self.epoch, self.rank, info.id if info is not None else 0))
+        buffer = list(itertools.islice(samples, self.shuffle_buffer))
+        for sample in samples:
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __repr__(self) -> str:
+        return (
+            f"TarShardDataset({len(self.shards)} shards, rank {self.rank}/{self.world_size}, shuffle={self.shuffle}, "
+            f"transform={self.transform!r})"
+        )
+
+
+def write_shards(
+    dataset: ImageDataset,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    shuffle: bool = True,
+    seed: int = 0,
+) -> list[Path]:
+    """Copy a map-style dataset's files (bytes unchanged) into tar shards plus `classes.txt`.
+
+    Args:
+        dataset: a dataset with `samples` and `classes` (e.g. from `open_dataset`).
+        out_dir: where the shards go (created).
+        shard_size: samples per shard.
+        prefix: shard file names are `<prefix>-000000.tar`, ...
+        shuffle: shuffle the samples first (a folder lists one class after another, which a shuffle buffer
+            cannot mix well).
+        seed: seed of that shuffle.
+
+    Returns:
+        The shard paths, in order. Each shard is written atomically.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    order = list(range(len(dataset.samples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    paths = []
+    for shard, start in enumerate(range(0, len(order), shard_size)):
+        path = out / f"{prefix}-{shard:06d}.tar"
+        with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in order[start : start + shard_size]:
+                file, label = dataset.samples[index]
+                ext = Path(file).suffix.lower().lstrip(".") or "img"
+                _add_member(tar, f"{index:08d}.{ext}", Path(file).read_bytes())
+                _add_member(tar, f"{index:08d}.cls", str(label).encode())
+        paths.append(path)
+    with atomic_write(out / CLASSES_FILE, "w") as f:
+        f.write("".join(f"{name}\n" for name in dataset.classes))
+    return paths
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: identical input, identical shard
+    tar.addfile(info, io.BytesIO(data))
