@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import CvTConfig, DataConfig, PretrainedCfg, check_fields
 from .model import CvT
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .features import CvTFeatures
 
 _CVT_13 = CvTConfig()
 _CVT_21 = dataclasses.replace(_CVT_13, depths=(1, 4, 16))
@@ -80,8 +85,10 @@ def create_model(
     *,
     num_classes: int | None = None,
     pretrained: bool | str | None = None,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] = (0, 1, 2),
     **overrides: Any,
-) -> CvT:
+) -> CvT | CvTFeatures:
     """Build a registered CvT variant.
 
     Args:
@@ -89,11 +96,19 @@ def create_model(
         num_classes: classifier outputs; defaults to the variant's 1000.
         pretrained: None/False for random init; True for the tag's released weights (Hugging Face hub or cache);
             or a path to a checkpoint in any supported format.
+        features_only: return a backbone (`cvt.features.CvTFeatures`) giving the stage maps selected by
+            `out_indices` instead of logits; the full model is built (and its weights loaded) first, then cut.
+        out_indices: with `features_only`, the stages whose maps to return.
         **overrides: `CvTConfig` fields to change, e.g. `act="gelu"`, `qkv_method="linear"`, `drop_path_rate=0.2`.
 
     Returns:
-        The model, with `data_config` (evaluation preprocessing) and `pretrained_cfg` attributes.
+        The model, with `data_config` (evaluation preprocessing), `class_names` (None for random init),
+        `model_name` and `pretrained_cfg` attributes; loaded weights come in eval mode.
     """
+    if features_only:
+        from .features import CvTFeatures  # noqa: PLC0415
+
+        return CvTFeatures(create_model(name, num_classes=num_classes, pretrained=pretrained, **overrides), out_indices)
     arch, _, tag, pretrained_cfg = resolve(name)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
@@ -101,9 +116,10 @@ def create_model(
     if pretrained:
         from .checkpoint import load_pretrained  # noqa: PLC0415 - weights I/O only when asked for
 
-        return load_pretrained(cfg, pretrained_cfg, pretrained, num_classes=num_classes)
+        return load_pretrained(cfg, pretrained_cfg, pretrained, num_classes=num_classes, model_name=f"{arch}.{tag}")
     model = CvT(cfg)
     model.pretrained_cfg = pretrained_cfg
     model.data_config = pretrained_cfg.data
+    model.class_names = None
     model.model_name = f"{arch}.{tag}"
     return model
