@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "cvt.cli.info",
     "cvt.cli.demo",
     "cvt.cli.ablations",
+    "cvt.cli.data",
 )
 
 
