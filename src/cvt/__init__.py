@@ -1,5 +1,6 @@
 """cvt: CvT (Convolutional vision Transformer) faithful to the authors' code, with training, evaluation and export."""
 
+from .checkpoint import load_model, resolve_model, save_model
 from .config import CvTConfig, DataConfig, PretrainedCfg
 from .flops import count_macs, count_params, model_cost
 from .model import CvT
@@ -16,6 +17,9 @@ __all__ = [
     "count_params",
     "create_model",
     "list_models",
+    "load_model",
     "model_config",
     "model_cost",
+    "resolve_model",
+    "save_model",
 ]
