@@ -1,0 +1,163 @@
+"""`cvt.train.train` end to end on generated data: run directory, learning, exact mid-epoch resume, non-finite stop."""
+
+import csv
+import hashlib
+import json
+
+import pytest
+import torch
+
+import cvt
+from cvt.data import make_dataset
+from cvt.engine import NonFiniteLossError
+from cvt.train import TrainConfig, apply_overrides, load_config, rng_state, set_rng_state, train
+
+TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two threads on two shared cores make each op wait for the other thread: one is 10x faster here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """4 classes x 8 training + 3 validation images of 32x32."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "shapes", num_classes=4, train_per_class=8, val_per_class=3,
+                        image_size=32)  # fmt: skip
+
+
+def tiny_config(data, output, **kw) -> TrainConfig:
+    base = {
+        "model_kwargs": dict(TINY),
+        "data": str(data),
+        "input_size": 32,
+        "batch_size": 8,
+        "num_workers": 0,
+        "epochs": 3,
+        "warmup_epochs": 1,
+        "lr": 2e-3,
+        "amp": "none",
+        "output": str(output),
+        "progress": False,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def test_config_overrides():
+    cfg = apply_overrides(TrainConfig(), ["epochs=3", "model_kwargs.drop_path_rate=0.2", "init=runs/x/best.pt",
+                                          "clip_grad=None", "scale=(0.5, 1.0)"])  # fmt: skip
+    assert cfg.epochs == 3 and cfg.model_kwargs == {"drop_path_rate": 0.2} and cfg.init == "runs/x/best.pt"
+    assert cfg.scale == (0.5, 1.0) and cfg.clip_grad is None
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*'epoch'"):
+        apply_overrides(TrainConfig(), ["epoch=3"])
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["cvt_13_224", "cvt_13_384", "cvt_21_224", "cvt_21_384", "cvt_w24_384",
+                                  "finetune_384", "demo"])  # fmt: skip
+def test_paper_configs_load(name):
+    cfg = load_config(name)
+    path = __import__("pathlib").Path(__file__).parents[1] / "configs" / f"{name}.py"
+    head = path.read_text().split('"""')[1]
+    assert "cvt " in head and "%" in head  # the command that runs it and the result to expect
+    if name != "demo":
+        assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.re_prob == 0.25 and cfg.label_smoothing == 0.1
+        assert cfg.warmup_lr == 1e-6 and cfg.min_lr == 1e-5
+    if name.startswith("cvt_21") or name.startswith("cvt_w24"):
+        assert cfg.weight_decay == 0.1
+    if name.endswith("384"):
+        assert cfg.input_size == 384 and cfg.crop_mode == "squash"
+    if name == "finetune_384":
+        assert cfg.optimizer == "sgd" and cfg.momentum == 0.9 and cfg.batch_size * 8 == 512
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    a = (__import__("random").random(), __import__("numpy").random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (__import__("random").random(), __import__("numpy").random.rand(), torch.rand(1).item()) == a
+
+
+def test_training_learns_and_fills_the_run_directory(shapes, tmp_path):
+    # no augmentation, so the loss measures fitting alone
+    cfg = tiny_config(shapes, tmp_path / "run", epochs=6, warmup_epochs=0, lr=3e-3, auto_augment=None, re_prob=0.0,
+                      mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, scale=None, hflip=0.0)  # fmt: skip
+    summary = train(cfg)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.csv", "summary.json", "last.pt", "best.pt", "curves.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.8 * losses[0] and losses[-1] < 1.2, losses  # from about ln(4) = 1.39
+    # the schedule, per epoch, without warm-up: lr(e) = 1e-5 + (3e-3 - 1e-5) (1 + cos(pi e / 6)) / 2
+    assert float(rows[0]["lr"]) == pytest.approx(3e-3)
+    assert float(rows[3]["lr"]) == pytest.approx(1.505e-3)
+    assert float(rows[5]["lr"]) == pytest.approx(1e-5 + 1.495e-3 * (1 - 0.8660254037844387))
+    assert float(rows[3]["throughput"]) > 0
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert summary["completed"] and summary["epochs_done"] == 6 and summary["global_step"] == 24
+    assert summary["best_top1"] == max(float(r["val_top1"]) for r in rows)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 6
+    ckpt = torch.load(run / "last.pt", weights_only=True)  # only plain types: readable without unpickling code
+    assert ckpt["format"] == "cvt.train" and ckpt["epoch"] == 6 and ckpt["step"] == 0
+    model = cvt.load_model(run / "best.pt")  # the checkpoint layer reads the training format
+    assert model.class_names == ckpt["class_names"] and len(model.class_names) == 4
+    assert model.data_config.input_size == (32, 32)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg)
+
+
+def _digest(state):
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _optimizer_tensors(opt_state):
+    return {f"{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
+
+
+def test_interrupted_run_resumes_bit_identical(shapes, tmp_path):
+    # the full recipe: RandAugment, random erasing, Mixup/CutMix, drop path, label smoothing; 4 steps per epoch
+    # magnitude noise off (mstd0): at magnitude 10 the data package asks PIL to posterize to 0 bits, which raises
+    kw = {"epochs": 2, "deterministic": True, "auto_augment": "rand-m9-mstd0-inc1",
+          "model_kwargs": {**TINY, "drop_path_rate": [0.0, 0.1, 0.2]}}  # fmt: skip
+    full = train(tiny_config(shapes, tmp_path / "full", **kw))
+    stopped = train(tiny_config(shapes, tmp_path / "split", max_steps=6, **kw))  # stops in the middle of epoch 1
+    assert not stopped["completed"] and stopped["global_step"] == 6
+    mid = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert (mid["epoch"], mid["step"], mid["global_step"]) == (1, 2, 6)
+    # resume in a fresh state, with a data-loader worker this time: augmentation does not depend on workers
+    torch.manual_seed(1234)
+    resumed = train(tiny_config(shapes, tmp_path / "split", resume="auto", num_workers=1, **kw))
+    assert resumed["completed"] and resumed["global_step"] == full["global_step"] == 8
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    oa, ob = _optimizer_tensors(a["optimizer"]), _optimizer_tensors(b["optimizer"])
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert _digest(a["model"]) == _digest(b["model"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    for ra, rb in zip(a["history"], b["history"], strict=True):
+        for key in ("train_loss", "val_loss", "val_top1", "lr"):
+            assert ra[key] == rb[key], key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
+    kw = {"epochs": 3, "warmup_epochs": 0, "auto_augment": None, "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+    train(tiny_config(shapes, tmp_path / "run", max_steps=4, **kw))  # one good epoch
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    # an absurd learning rate: the weights blow up and the loss turns NaN/inf within a few steps
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at epoch 1, step \d+ .*last good checkpoint"):
+        train(tiny_config(shapes, tmp_path / "run", resume="auto", lr=1e30, **kw))
+    assert last.read_bytes() == before
