@@ -203,8 +203,12 @@ class TarShardDataset(IterableDataset):
 
     def _count(self, path: str) -> int:
         if path not in self._counts:
-            with tarfile.open(path, mode="r") as tar:
-                keys = {_split_key(m.name)[0] for m in tar.getmembers() if m.isfile() and is_image_file(m.name)}
+            keys = set()
+            try:
+                with tarfile.open(path, mode="r") as tar:
+                    keys.update(_split_key(m.name)[0] for m in tar if m.isfile() and is_image_file(m.name))
+            except (tarfile.TarError, OSError, EOFError) as err:
+                logger.warning("%s: damaged shard, counted the %d samples before the damage (%s)", path, len(keys), err)
             self._counts[path] = len(keys)
         return self._counts[path]
 
