@@ -28,6 +28,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,18 +453,26 @@ def read_weights_file(path: str | os.PathLike) -> Any:
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types
             raise CheckpointError(f"cannot read {path}: {err}; the file is truncated or corrupt") from None
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err)
-        found = re.search(r"(Unsupported global: GLOBAL \S+|Can only build [^\n]*|Unsupported operand [^\n]*)", detail)
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Can only build [^\n]*)", detail)
         if found:
             raise CheckpointError(
                 f"refusing to load {path}: it contains pickled Python objects that are not weights "
                 f"({found.group(1)}); unpickling them could run arbitrary code, so nothing of it was run. If you "
                 "trust the file, re-save only its tensors (a state dict) with torch.save or safetensors."
             ) from None
-        reason = detail.splitlines()[-1] if detail else type(err).__name__
+        found = re.search(r"Unsupported operand [^\n]*", detail)
+        if found:
+            raise CheckpointError(
+                f"refusing to load {path}: it is a plain Python pickle, not a torch.save or safetensors file "
+                f"({found.group(0)}); unpickling it could run arbitrary code, so nothing of it was run"
+            ) from None
+        found = re.search(r"WeightsUnpickler error: *([^\n]+)", detail)
+        reason = found.group(1) if found else (detail.splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot read {path}: {reason}; the file is truncated or corrupt") from None
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zip errors, ...
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

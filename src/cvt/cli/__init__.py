@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "cvt.cli.demo",
     "cvt.cli.ablations",
     "cvt.cli.data",
+    "cvt.cli.convert",
 )
 
 

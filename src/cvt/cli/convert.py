@@ -1,0 +1,44 @@
+"""`cvt convert SRC DST --to {cvt,hf,official}`: rewrite a checkpoint in another format, weights unchanged.
+
+cvt convert CvT-13-224x224-IN-1k.pth cvt13/ --to hf     # the authors' file -> a transformers folder
+cvt convert microsoft-cvt-13/ CvT-13.pth --to official  # a transformers folder -> the authors' layout
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cvt.checkpoint import SAVE_FORMATS, load_model, save_model
+from cvt.registry import create_model
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a checkpoint between the authors', Hugging Face and cvt formats",
+        description="Read any supported checkpoint (format detected from the content) and write it in another.",
+    )
+    p.add_argument("src", help="checkpoint file or folder: the authors' .pth, a Hugging Face CvT folder, cvt's own")
+    p.add_argument("dst", help="output: a folder for --to cvt/hf, a file for --to official")
+    p.add_argument("--to", required=True, choices=SAVE_FORMATS, help="output format")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="architecture as a registered name (cvt_13, cvt_21.in1k_384) when SRC does not record it; "
+        "default: read from SRC or inferred from its weights",
+    )
+    p.add_argument("--ema", action="store_true", help="from a training checkpoint, convert the EMA weights")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model:
+        if args.ema:
+            raise ValueError("--ema reads a training checkpoint, which records its architecture: drop --model")
+        model = create_model(args.model, pretrained=args.src)
+    else:
+        model = load_model(args.src, ema=args.ema)
+    path = save_model(model, args.dst, format=args.to)
+    tensors = len(model.state_dict())
+    print(f"wrote {path} ({args.to}): {model.model_name}, {model.num_classes} classes, {tensors} tensors")
+    return 0
