@@ -11,6 +11,9 @@ import sys
 COMMAND_MODULES = (
     "cvt.cli.info",
     "cvt.cli.demo",
+    "cvt.cli.train",
+    "cvt.cli.eval",
+    "cvt.cli.predict",
     "cvt.cli.ablations",
     "cvt.cli.data",
     "cvt.cli.convert",

@@ -1,0 +1,38 @@
+"""`cvt predict`: top-k labels and probabilities for image files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cvt.checkpoint import resolve_model
+from cvt.predict import list_images, predict_images
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="classify images with a model")
+    p.add_argument("--model", required=True, help="checkpoint path (any format) or registered name[.tag]")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
+    p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=run)
+
+
+def format_predictions(results: list[dict]) -> str:
+    """One line per image: path, then label (probability) pairs, best first."""
+    return "\n".join(
+        f"{r['path']}: " + ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"]) for r in results
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.topk < 1:
+        raise ValueError("--topk must be at least 1")
+    model = resolve_model(args.model)
+    results = predict_images(
+        model, list_images(args.images), topk=args.topk, batch_size=args.batch_size, device=args.device
+    )
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0

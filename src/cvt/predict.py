@@ -1,0 +1,202 @@
+"""Evaluation of a trained model on a dataset, and prediction on image files, with the model's own protocol.
+
+Both preprocess with `create_eval_transform(model.data_config)`: the evaluation protocol the weights were made for
+(resize 256 + centre crop 224 for the 224 models, squash to 384x384 for the 384 ones, or what a training run
+recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .engine import evaluate, per_class_accuracy
+from .fileio import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+def _class_names(model: nn.Module) -> list[str] | None:
+    names = getattr(model, "class_names", None)
+    return [str(n) for n in names] if names else None
+
+
+def open_eval_dataset(model: nn.Module, data: str | os.PathLike, *, split: str | None = None) -> Any:
+    """The dataset at `data` with the model's evaluation transform and the model's class order.
+
+    Args:
+        model: the model (its `data_config`, `class_names` and `num_classes` are used).
+        data: a dataset `cvt.data.open_dataset` reads; a directory with a `val/` split uses it when `split` is None.
+        split: the split to evaluate.
+
+    Raises:
+        ValueError: the dataset's class names differ from the model's (or their number, when the model records
+            no names).
+    """
+    from .data import create_eval_transform, open_dataset  # noqa: PLC0415
+
+    path = Path(data)
+    if split is None and path.is_dir() and ((path / "val").is_dir() or (path / "val.csv").is_file()):
+        split = "val"
+    transform = create_eval_transform(model.data_config)
+    dataset = open_dataset(data, split=split, transform=transform)
+    classes = [str(c) for c in dataset.classes]
+    names = _class_names(model)
+    if names is None:
+        if len(classes) != model.num_classes:
+            raise ValueError(
+                f"the dataset has {len(classes)} classes, the model {model.num_classes} (and records no class names)"
+            )
+        logger.warning("the model records no class names: assuming the dataset's sorted classes are its classes")
+        return dataset
+    if set(classes) != set(names):
+        only_data = sorted(set(classes) - set(names))
+        only_model = sorted(set(names) - set(classes))
+        raise ValueError(
+            f"the dataset's class names differ from the model's: only in the data {only_data[:5]}"
+            f"{' ...' if len(only_data) > 5 else ''}, only in the model {only_model[:5]}"
+            f"{' ...' if len(only_model) > 5 else ''} ({len(classes)} vs {len(names)} classes)"
+        )
+    if classes != names:  # same names, another order: label the data in the model's order
+        dataset = open_dataset(data, split=split, transform=transform, classes=names)
+    return dataset
+
+
+def evaluate_model(
+    model: nn.Module,
+    data: str | os.PathLike,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Loss, top-1/top-5, per-class accuracy and confusion matrix of `model` on the dataset at `data`.
+
+    Returns:
+        A JSON-serialisable dict: "count", "loss", "top1", "top5" (percent), "classes", "per_class"
+        ({name: {"count", "top1"}}) and "confusion" (rows = true class, columns = predicted class).
+    """
+    dataset = open_eval_dataset(model, data, split=split)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    model = model.to(device)
+    res = evaluate(model, loader, num_classes=model.num_classes, device=device)
+    confusion = res["confusion"]
+    names = _class_names(model) or [str(c) for c in dataset.classes]
+    per_class = {
+        name: {"count": int(confusion[i].sum()), "top1": acc}
+        for i, (name, acc) in enumerate(zip(names, per_class_accuracy(confusion), strict=True))
+    }
+    return {
+        "count": res["count"],
+        "loss": res["loss"],
+        "top1": res["top1"],
+        "top5": res["top5"],
+        "classes": names,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike) -> Path:
+    """Write the confusion matrix (rows true, columns predicted, counts in the cells) as a PNG."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    matrix = torch.as_tensor(confusion)
+    n = len(class_names)
+    side = max(5.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(matrix.numpy(), cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    if n <= 50:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(n), class_names, fontsize=8)
+    if n <= 30:
+        peak = int(matrix.max()) if matrix.numel() else 0
+        for i in range(n):
+            for j in range(n):
+                value = int(matrix[i, j])
+                if value:
+                    colour = "white" if value > peak / 2 else "black"
+                    ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color=colour)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named in `inputs`; a directory contributes its image files, recursively, sorted."""
+    from .data import is_image_file  # noqa: PLC0415
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no image or directory at {path}")
+    if not files:
+        raise FileNotFoundError(f"no image files in {', '.join(map(str, inputs))}")
+    return files
+
+
+@torch.no_grad()
+def predict_images(
+    model: nn.Module,
+    images: Sequence[str | os.PathLike],
+    *,
+    topk: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """Top-k labels and softmax probabilities for each image file.
+
+    Returns:
+        One dict per image: {"path", "predictions": [{"label", "index", "probability"}, ...]}, best first.
+    """
+    from .data import create_eval_transform, load_image  # noqa: PLC0415
+
+    transform = create_eval_transform(model.data_config)
+    names = _class_names(model)
+    model = model.to(device).eval()
+    k = min(topk, model.num_classes)
+    paths = [Path(p) for p in images]
+    out = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        batch = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
+        probs = model(batch).float().softmax(dim=-1)
+        top = probs.topk(k, dim=-1)
+        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
+            preds = [
+                {"label": names[i] if names else str(i), "index": i, "probability": p}
+                for p, i in zip(values, indices, strict=True)
+            ]
+            out.append({"path": str(path), "predictions": preds})
+    return out
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write `data` as indented JSON, atomically."""
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return path
