@@ -253,6 +253,20 @@ def test_config_from_hf_matches_registry():
     assert HFCvtConfig().layer_norm_eps == 1e-12 and config_from_hf(HFCvtConfig().to_dict()).norm_eps == 1e-5
 
 
+def test_what_the_weights_cannot_tell_is_asked_for(tiny, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cvt.checkpoint"):
+        save_model(tiny, tmp_path / "tiny.pth", format="official")
+        assert load_model(tmp_path / "tiny.pth").cfg.heads == (1, 1, 1)
+    assert "does not record the attention heads" in caplog.text
+    avg = CvT(dataclasses.replace(TINY, qkv_method="avg"))
+    save_model(avg, tmp_path / "avg.pth", format="official")
+    with pytest.raises(CheckpointError, match="'avg' and 'linear' cannot be told apart"):
+        load_model(tmp_path / "avg.pth")
+    back = load_model(tmp_path / "avg.pth", qkv_method="avg", heads=TINY.heads)
+    assert back.cfg == avg.cfg
+    assert_same_state(avg.state_dict(), back.state_dict())
+
+
 @pytest.mark.slow
 def test_full_size_official_file_gets_name_preprocessing_and_imagenet_names(tmp_path):
     model = CvT(model_config("cvt_13"))

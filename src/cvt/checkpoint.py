@@ -324,16 +324,23 @@ def _match_variant(cfg: CvTConfig) -> str | None:
     return None
 
 
-def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[CvTConfig, str | None, bool]:
+def infer_config(
+    state_dict: dict[str, torch.Tensor], known: dict[str, Any] | None = None
+) -> tuple[CvTConfig, str | None, bool]:
     """The architecture of a state dict in our layout, read from its keys and shapes.
 
     Widths, depths, kernels, MLP ratio, class tokens and classes are in the weights; heads and strides are not.
     When the weights fit a registered variant, its config is used whole; otherwise heads assume 64 channels per
     head (as in every released model) and strides the CvT defaults.
 
+    Args:
+        state_dict: weights in our layout (shapes suffice: meta tensors work).
+        known: `CvTConfig` fields the caller knows, taken instead of inferred (e.g. heads, qkv_method).
+
     Returns:
         (config, registered variant name or None, whether the heads were guessed).
     """
+    known = {k: v for k, v in (known or {}).items() if k not in (*_TRAINING_FIELDS, "act")}
     stages = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"stages\.(\d+)\.", k))})
     if not stages or stages != list(range(len(stages))):
         raise CheckpointError(f"cannot tell the stages of the model from keys {list(state_dict)[:5]}")
@@ -353,7 +360,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[CvTConfig, str | 
         fc1 = state_dict.get(f"stages.{i}.blocks.0.mlp.fc1.weight")
         fields["mlp_ratio"].append(fc1.shape[0] / dim if fc1 is not None else 4.0)
         conv = state_dict.get(f"stages.{i}.blocks.0.attn.conv_proj_q.conv.weight")
-        if conv is None and blocks:
+        if conv is None and blocks and "qkv_method" not in known:
             raise CheckpointError(
                 f"stage {i} has no convolutional projection weights: 'avg' and 'linear' cannot be told apart from "
                 "the weights; pass the architecture (a model name, or qkv_method=...)"
@@ -361,23 +368,26 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> tuple[CvTConfig, str | 
         fields["qkv_method"].append("dw_bn")
         fields["qkv_kernel"].append(conv.shape[-1] if conv is not None else 3)
         fields["cls_token"].append(f"stages.{i}.cls_token" in state_dict)
-        if f"stages.{i}.pos_embed" in state_dict:
+        if f"stages.{i}.pos_embed" in state_dict and not {"pos_embed", "pos_embed_size"} <= set(known):
             raise CheckpointError(
                 "the weights have position embeddings, whose input size is not in the weights; "
-                "pass the architecture (a model name with pos_embed=..., pos_embed_size=...)"
+                "pass the architecture (pos_embed=..., pos_embed_size=...)"
             )
     fields["qkv_bias"] = any(k.endswith(".attn.proj_q.bias") for k in state_dict) or not any(
         k.endswith(".attn.proj_q.weight") for k in state_dict
     )
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else 0
+    fields.update(known)
     for name, (variant, _) in VARIANTS.items():
         with contextlib.suppress(ValueError):  # a variant's heads may not divide these widths
             if dataclasses.replace(variant, **fields) == variant:
                 return dataclasses.replace(variant, num_classes=num_classes), name, False
     try:
-        heads = tuple(d // 64 if d % 64 == 0 else 1 for d in fields["dims"])
-        return CvTConfig(**fields, heads=heads, num_classes=num_classes), None, True
+        guessed = "heads" not in fields
+        if guessed:
+            fields["heads"] = tuple(d // 64 if d % 64 == 0 else 1 for d in fields["dims"])
+        return CvTConfig(**fields, num_classes=num_classes), None, guessed
     except ValueError as err:
         raise CheckpointError(f"cannot build a config from the weights ({err}); pass the architecture") from None
 
@@ -681,8 +691,8 @@ def build_model(
     elif ckpt.config is not None:
         cfg = ckpt.config
     else:
-        cfg, inferred_name, guessed = infer_config(ckpt.state_dict)
-        if guessed and "heads" not in overrides:
+        cfg, inferred_name, guessed = infer_config(ckpt.state_dict, overrides)
+        if guessed:
             logger.warning(
                 "%s does not record the attention heads; assuming 64 channels per head: heads=%s. Pass heads=... "
                 "if the model was trained with others.",
