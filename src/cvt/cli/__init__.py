@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "cvt.cli.ablations",
     "cvt.cli.data",
     "cvt.cli.convert",
+    "cvt.cli.export",
 )
 
 

@@ -1,0 +1,47 @@
+"""`cvt export`: a model as ONNX or TorchScript with dynamic batch and image size, checked against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+
+from cvt.export import DEFAULT_OPSET, FORMATS, export
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a model to ONNX or TorchScript (dynamic batch/height/width, BatchNorm folded, checked)",
+    )
+    p.add_argument("--model", required=True, help="checkpoint path or registered name[.tag] (released weights)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
+    p.add_argument("--output", required=True, help="file to write")
+    p.add_argument(
+        "--input-size", type=int, nargs="+", default=None, help="example size N or H W (default: the model's)"
+    )
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to PyTorch accepted")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cvt.checkpoint import resolve_model  # noqa: PLC0415
+
+    if args.input_size is not None and len(args.input_size) not in (1, 2):
+        raise ValueError(f"--input-size takes N or H W, got {args.input_size}")
+    model = resolve_model(args.model)
+    result = export(
+        model,
+        args.output,
+        args.format,
+        input_size=args.input_size,
+        opset=args.opset,
+        check=not args.no_check,
+        atol=args.atol,
+    )
+    print(f"wrote {result.path} ({args.format}, model {getattr(model, 'model_name', args.model)})")
+    for shape, diff in result.checks:
+        print(f"  input {'x'.join(map(str, shape))}: max abs diff to PyTorch {diff:.3g}")
+    if result.checks:
+        print(f"max abs diff {result.max_abs_diff:.3g} <= {args.atol:g}")
+    return 0

@@ -1,0 +1,326 @@
+"""Export a CvT (classifier or backbone) to ONNX or TorchScript, with a numerical check against PyTorch.
+
+Both formats take any batch size and any input height and width the convolutions allow: CvT has no position
+embedding, and the token grids (H, W) that the depth-wise projections fold tokens back into are read from tensor
+shapes, which both exporters keep symbolic. BatchNorm is folded into the depth-wise convolutions first
+(`cvt.optimize.fold_batchnorm`), so the exported graph has no BatchNormalization nodes.
+
+ONNX goes through the dynamo exporter (`torch.onnx.export(..., dynamo=True)` with named dynamic dimensions). The
+legacy TorchScript-based exporter (`dynamo=False` with `dynamic_axes`) bakes the example's grid and batch into the
+token reshapes (`unflatten` with Python ints, the class token's `expand`), so its graphs fail at any other size.
+TorchScript goes through `torch.jit.trace`, which records those sizes as `aten::size` calls.
+
+Every export is checked before anything is written: the exported program is run (onnxruntime, or the reloaded
+TorchScript module) on random inputs of several shapes and compared with the original, unfolded PyTorch model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fileio import atomic_write
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_OPSET = 18
+# The example traced has batch 2: torch.export specialises a dimension of size 1 to the constant 1.
+_EXAMPLE_BATCH = 2
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What an export wrote and how closely it reproduces PyTorch.
+
+    Attributes:
+        path: the written file.
+        format: "onnx" or "torchscript".
+        checks: (input shape (B, C, H, W), max abs difference to PyTorch over all outputs) per checked input;
+            empty when the check was skipped.
+    """
+
+    path: Path
+    format: str
+    checks: list[tuple[tuple[int, ...], float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> float:
+        """Largest difference over all checked inputs (0.0 if nothing was checked)."""
+        return max((diff for _, diff in self.checks), default=0.0)
+
+
+def _input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int]:
+    if input_size is None:
+        data_config = getattr(model, "data_config", None)
+        return tuple(data_config.input_size) if data_config is not None else (224, 224)
+    if isinstance(input_size, int):
+        return (input_size, input_size)
+    if len(input_size) == 1:
+        return (int(input_size[0]), int(input_size[0]))
+    return (int(input_size[-2]), int(input_size[-1]))
+
+
+def _default_check_shapes(in_chans: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    # batch 1 at the export size, then batch 3 at an odd, non-square size (its k/v grids round up) a quarter
+    # the area, so that the check costs little more than one forward pass
+    h, w = size
+    return [(1, in_chans, h, w), (3, in_chans, h // 2 + 1, w // 2 + 17)]
+
+
+def _output_names(model: nn.Module) -> list[str]:
+    if hasattr(model, "out_indices"):  # a CvTFeatures backbone: one map per selected stage
+        return [f"stage{i}" for i in model.out_indices]
+    return ["logits"]
+
+
+def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _metadata(model: nn.Module) -> dict[str, str]:
+    """Model facts recorded in the exported file, so that it can be used without this package."""
+    meta = {"cvt.format_version": "1"}
+    if getattr(model, "model_name", None):
+        meta["cvt.model_name"] = str(model.model_name)
+    if getattr(model, "cfg", None) is not None:
+        meta["cvt.config"] = json.dumps(model.cfg.to_dict())
+    if getattr(model, "data_config", None) is not None:
+        meta["cvt.data_config"] = json.dumps(model.data_config.to_dict())
+    if getattr(model, "class_names", None) is not None:
+        meta["cvt.class_names"] = json.dumps(list(model.class_names))
+    return meta
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """An eval-mode float32 CPU copy of `model` with every projection BatchNorm folded into its convolution."""
+    from .optimize import fold_batchnorm  # noqa: PLC0415
+
+    folded = fold_batchnorm(model).float().cpu()  # fold_batchnorm deep-copies and puts the copy in eval mode
+    folded.requires_grad_(False)
+    return folded
+
+
+def _check(
+    run: Any,
+    model: nn.Module,
+    shapes: Sequence[Sequence[int]],
+    atol: float,
+    what: str,
+) -> list[tuple[tuple[int, ...], float]]:
+    """Run `run(x) -> list of arrays/tensors` and `model(x)` on random inputs of `shapes`; raise if they differ."""
+    generator = torch.Generator().manual_seed(0)
+    param = next(model.parameters())
+    checks = []
+    with _eval_mode(model), torch.no_grad():
+        for shape in shapes:
+            x = torch.randn(*shape, generator=generator)
+            expected = [t.cpu() for t in _as_list(model(x.to(param.device, param.dtype)))]
+            got = [torch.as_tensor(out) for out in run(x)]
+            if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in expected]:
+                raise RuntimeError(
+                    f"{what} output shapes {[tuple(t.shape) for t in got]} differ from PyTorch's "
+                    f"{[tuple(t.shape) for t in expected]} for input {tuple(shape)}"
+                )
+            diff = max((g.float() - e.float()).abs().max().item() for g, e in zip(got, expected, strict=True))
+            checks.append((tuple(shape), diff))
+            logger.info("%s vs PyTorch, input %s: max abs diff %.3g", what, tuple(shape), diff)
+            if not diff <= atol:  # also catches NaN
+                raise RuntimeError(
+                    f"{what} export does not reproduce PyTorch: max abs diff {diff:.3g} > {atol:g} for input "
+                    f"{tuple(shape)}; nothing was written"
+                )
+    return checks
+
+
+def onnx_session(model_or_path: str | os.PathLike | bytes) -> Any:
+    """An onnxruntime CPU session for an ONNX file (or its serialised bytes)."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    source = model_or_path if isinstance(model_or_path, bytes) else str(model_or_path)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def _quiet_torch_onnx() -> contextlib.ExitStack:
+    """Silence the exporter's notices (torchvision not installed, internal FutureWarnings) unless debugging."""
+    stack = contextlib.ExitStack()
+    if not logger.isEnabledFor(logging.DEBUG):
+        for name in ("torch.onnx", "onnx_ir", "onnxscript"):
+            noisy = logging.getLogger(name)
+            stack.callback(noisy.setLevel, noisy.level)
+            noisy.setLevel(logging.ERROR)
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore", FutureWarning)
+    return stack
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    check_shapes: Sequence[Sequence[int]] | None = None,
+    atol: float = 1e-4,
+) -> ExportResult:
+    """Write `model` as an ONNX graph with dynamic batch, height and width, BatchNorm folded.
+
+    The input is named "images" (B, C, H, W); the output "logits" (B, classes) for a classifier, or "stage{i}"
+    (B, C_i, H_i, W_i) per selected stage for a `CvTFeatures` backbone. The file's metadata records the model
+    name, its `CvTConfig`, its `DataConfig` (preprocessing) and class names, as JSON under "cvt.*" keys.
+
+    Args:
+        model: a `CvT` or `CvTFeatures` (not modified).
+        path: the .onnx file to write (atomically, only once the check passed).
+        input_size: (H, W) or N of the example traced; default the model's `data_config.input_size`.
+        opset: ONNX opset version.
+        check: run the graph in onnxruntime and compare with PyTorch before writing.
+        check_shapes: input shapes (B, C, H, W) to check; default batch 1 at `input_size` and batch 3 at
+            (H / 2 + 1, W / 2 + 17).
+        atol: largest max-abs difference to PyTorch accepted.
+
+    Returns:
+        The path and the differences measured.
+
+    Raises:
+        RuntimeError: the exported graph's outputs differ from PyTorch's by more than `atol`.
+    """
+    import onnx  # noqa: PLC0415
+
+    size = _input_size(model, input_size)
+    folded = prepare_for_export(model)
+    in_chans = folded.cfg.in_chans
+    example = torch.randn(_EXAMPLE_BATCH, in_chans, *size, generator=torch.Generator().manual_seed(0))
+    logger.info("exporting to ONNX (opset %d), example input %s", opset, tuple(example.shape))
+    with _quiet_torch_onnx():
+        program = torch.onnx.export(
+            folded,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=_output_names(folded),
+            dynamic_shapes=({0: "batch", 2: "height", 3: "width"},),
+            opset_version=opset,
+            verbose=False,
+        )
+    proto = program.model_proto
+    for key, value in _metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+
+    checks = []
+    if check:
+        session = onnx_session(data)
+        input_name = session.get_inputs()[0].name
+        shapes = check_shapes or _default_check_shapes(in_chans, size)
+        checks = _check(lambda x: session.run(None, {input_name: x.numpy()}), model, shapes, atol, "ONNX")
+    path = Path(path)
+    with atomic_write(path) as f:
+        f.write(data)
+    logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
+    return ExportResult(path, "onnx", checks)
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    check: bool = True,
+    check_shapes: Sequence[Sequence[int]] | None = None,
+    atol: float = 1e-4,
+) -> ExportResult:
+    """Write `model` as a traced TorchScript module (any batch, height and width), BatchNorm folded.
+
+    The file loads with `torch.jit.load` alone. Its extra files "cvt.config.json", "cvt.data_config.json",
+    "cvt.class_names.json" and "cvt.model_name.txt" record what `export_onnx` puts in the ONNX metadata.
+
+    Args:
+        model: a `CvT` or `CvTFeatures` (not modified).
+        path: the .pt file to write (atomically, only once the check passed).
+        input_size: (H, W) or N of the example traced; default the model's `data_config.input_size`.
+        check: reload the saved module and compare it with PyTorch before writing.
+        check_shapes: input shapes (B, C, H, W) to check; default as `export_onnx`.
+        atol: largest max-abs difference accepted.
+
+    Returns:
+        The path and the differences measured.
+
+    Raises:
+        RuntimeError: the traced module's outputs differ from PyTorch's by more than `atol`.
+    """
+    size = _input_size(model, input_size)
+    folded = prepare_for_export(model)
+    in_chans = folded.cfg.in_chans
+    example = torch.randn(_EXAMPLE_BATCH, in_chans, *size, generator=torch.Generator().manual_seed(0))
+    logger.info("tracing to TorchScript, example input %s", tuple(example.shape))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(folded, (example,), check_trace=False)
+    extra = {}
+    for key, value in _metadata(model).items():
+        extra[f"{key}.txt" if key == "cvt.model_name" else f"{key}.json"] = value
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated in favour of torch.export
+        torch.jit.save(traced, buffer, _extra_files=extra)
+    data = buffer.getvalue()
+
+    checks = []
+    if check:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        shapes = check_shapes or _default_check_shapes(in_chans, size)
+        checks = _check(lambda x: _as_list(reloaded(x)), model, shapes, atol, "TorchScript")
+    path = Path(path)
+    with atomic_write(path) as f:
+        f.write(data)
+    logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
+    return ExportResult(path, "torchscript", checks)
+
+
+def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", **kwargs: Any) -> ExportResult:
+    """`export_onnx` or `export_torchscript` by `format` name."""
+    if format == "onnx":
+        return export_onnx(model, path, **kwargs)
+    if format == "torchscript":
+        kwargs.pop("opset", None)
+        return export_torchscript(model, path, **kwargs)
+    raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+
+
+__all__ = [
+    "FORMATS",
+    "ExportResult",
+    "export",
+    "export_onnx",
+    "export_torchscript",
+    "onnx_session",
+    "prepare_for_export",
+]
