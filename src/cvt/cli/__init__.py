@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "cvt.cli.data",
     "cvt.cli.convert",
     "cvt.cli.export",
+    "cvt.cli.attention",
 )
 
 
