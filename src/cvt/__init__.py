@@ -2,6 +2,8 @@
 
 from .checkpoint import load_model, resolve_model, save_model
 from .config import CvTConfig, DataConfig, PretrainedCfg
+from .export import export_onnx, export_torchscript
+from .features import CvTFeatures
 from .flops import count_macs, count_params, model_cost
 from .model import CvT
 from .registry import create_model, list_models, model_config
@@ -11,11 +13,14 @@ __version__ = "0.1.0"
 __all__ = [
     "CvT",
     "CvTConfig",
+    "CvTFeatures",
     "DataConfig",
     "PretrainedCfg",
     "count_macs",
     "count_params",
     "create_model",
+    "export_onnx",
+    "export_torchscript",
     "list_models",
     "load_model",
     "model_config",
