@@ -333,3 +333,11 @@ def test_expand_braces():
 def test_missing_shards_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"s-001.tar, .*s-002.tar do not exist"):
         open_dataset(str(tmp_path / "s-{001..002}.tar"))
+
+
+def test_split_folders_of_shards_and_split_errors(shard_dir, tmp_path):
+    shutil.copytree(shard_dir, tmp_path / "train")
+    ds = open_dataset(tmp_path, split="train")
+    assert isinstance(ds, TarShardDataset) and len(ds) == 24
+    with pytest.raises(ValueError, match="has no split sub-folders or files"):
+        open_dataset(shard_dir, split="train")

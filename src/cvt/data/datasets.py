@@ -303,28 +303,29 @@ def open_dataset(
     text = os.fspath(source)
     path = Path(text)
     common: dict[str, Any] = {"transform": transform, "strict": strict, "seed": seed, "max_pixels": max_pixels}
-    if "{" in text or text.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar"))):
-        if split is not None and path.is_dir() and (path / split).exists():
-            return open_dataset(path / split, rank=rank, world_size=world_size, shuffle=shuffle, classes=classes,
-                                **common)  # fmt: skip
-        return TarShardDataset(
-            expand_shards(text), rank=rank, world_size=world_size, shuffle=shuffle, classes=classes, **common
+    sharded = {"rank": rank, "world_size": world_size, "shuffle": shuffle, "classes": classes}
+    if path.is_dir():
+        splits = [s for s in SPLITS if (path / s).is_dir() or (path / f"{s}.csv").is_file()]
+        if splits:
+            if split is None:
+                raise ValueError(
+                    f"{path} holds the splits {splits}; pick one with split= (--split on the command line)"
+                )
+            if split not in splits:
+                raise ValueError(f"{path} has no split {split!r}; it holds {splits}")
+            target = path / split if (path / split).is_dir() else path / f"{split}.csv"
+            if classes is None and target.is_dir() and not any(target.glob("*.tar")):
+                # the union over the splits, so a class missing from one split cannot shift another's labels
+                sharded["classes"] = sorted({c for s in splits if (path / s).is_dir() for c in class_folders(path / s)})
+            return open_dataset(target, **sharded, **common)
+    if split is not None:
+        raise ValueError(
+            f"{path} has no split sub-folders or files ({', '.join(SPLITS)}), so split={split!r} cannot apply"
         )
+    if "{" in text or text.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar"))):
+        return TarShardDataset(expand_shards(text), **sharded, **common)
     if text.endswith(".csv"):
         return ListDataset(path, classes=classes, **common)
     if not path.exists():
         raise FileNotFoundError(f"dataset {path} does not exist")
-    splits = [s for s in SPLITS if (path / s).is_dir() or (path / f"{s}.csv").is_file()]
-    if splits:
-        if split is None:
-            raise ValueError(f"{path} holds the splits {splits}; pick one with split= (--split on the command line)")
-        if split not in splits:
-            raise ValueError(f"{path} has no split {split!r}; it holds {splits}")
-        target = path / split if (path / split).is_dir() else path / f"{split}.csv"
-        if classes is None and target.is_dir() and not any(target.glob("*.tar")):
-            # the union over the splits, so a class missing from one split cannot shift the labels of another
-            classes = sorted({c for s in splits if (path / s).is_dir() for c in class_folders(path / s)})
-        return open_dataset(target, rank=rank, world_size=world_size, shuffle=shuffle, classes=classes, **common)
-    if split is not None:
-        raise ValueError(f"{path} has no split sub-folders ({', '.join(SPLITS)}), so split={split!r} cannot apply")
     return FolderDataset(path, classes=classes, **common)
