@@ -44,6 +44,9 @@ def tiny_config(data, output, **kw) -> TrainConfig:
         "amp": "none",
         "output": str(output),
         "progress": False,
+        # the paper's RandAugment without magnitude noise (mstd0): at magnitude 10 the data package asks PIL to
+        # posterize to 0 bits, which raises
+        "auto_augment": "rand-m9-mstd0-inc1",
     }
     return TrainConfig(**{**base, **kw})
 
@@ -127,9 +130,7 @@ def _optimizer_tensors(opt_state):
 
 def test_interrupted_run_resumes_bit_identical(shapes, tmp_path):
     # the full recipe: RandAugment, random erasing, Mixup/CutMix, drop path, label smoothing; 4 steps per epoch
-    # magnitude noise off (mstd0): at magnitude 10 the data package asks PIL to posterize to 0 bits, which raises
-    kw = {"epochs": 2, "deterministic": True, "auto_augment": "rand-m9-mstd0-inc1",
-          "model_kwargs": {**TINY, "drop_path_rate": [0.0, 0.1, 0.2]}}  # fmt: skip
+    kw = {"epochs": 2, "deterministic": True, "model_kwargs": {**TINY, "drop_path_rate": [0.0, 0.1, 0.2]}}
     full = train(tiny_config(shapes, tmp_path / "full", **kw))
     stopped = train(tiny_config(shapes, tmp_path / "split", max_steps=6, **kw))  # stops in the middle of epoch 1
     assert not stopped["completed"] and stopped["global_step"] == 6
@@ -161,3 +162,42 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at epoch 1, step \d+ .*last good checkpoint"):
         train(tiny_config(shapes, tmp_path / "run", resume="auto", lr=1e30, **kw))
     assert last.read_bytes() == before
+
+
+def test_cli_train_then_resume_without_config(shapes, tmp_path, capsys):
+    from cvt.cli import main
+
+    config = tmp_path / "tiny.py"
+    config.write_text(
+        '"""Tiny.\n\n    cvt train --config tiny.py\n\nResult: none to speak of (0-100%).\n"""\n'
+        "from cvt.train import TrainConfig\n\n\n"
+        f"def get_config():\n    return TrainConfig(**{tiny_config('x', 'y', epochs=2).to_dict()!r})\n"
+    )
+    out = tmp_path / "run"
+    args = ["train", "--config", str(config), "--data", str(shapes), "--output", str(out), "--set", "max_steps=3"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] is False
+    assert main(["train", "--resume", str(out)]) == 0  # the run's own config, without its max_steps
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["completed"] and summary["global_step"] == 8 and summary["run_dir"] == str(out)
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    from cvt.cli import main
+
+    config = tmp_path / "demo_tiny.py"
+    config.write_text(
+        '"""A tiny demo.\n\n    cvt demo --config demo_tiny.py\n\nResult: far below the 90% top-1 target.\n"""\n'
+        "from cvt.train import TrainConfig\n\n\n"
+        "def get_dataset():\n"
+        "    return {'num_classes': 3, 'train_per_class': 8, 'val_per_class': 2, 'image_size': 32}\n\n\n"
+        f"def get_config():\n    return TrainConfig(**{tiny_config('x', 'y', epochs=1, num_threads=1).to_dict()!r})\n"
+    )
+    out, data = tmp_path / "run", tmp_path / "data"
+    code = main(["demo", "--config", str(config), "--data", str(data), "--output", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1 and "target >= 90% top-1: NOT reached" in text  # one epoch on 24 images: an honest failure
+    assert (data / "train").is_dir() and (data / "val").is_dir()
+    for name in ("curves.png", "confusion.png", "eval.json", "best.pt", "metrics.csv", "summary.json"):
+        assert (out / name).is_file() and str(out / name) in text, name
+    assert text.count(": ") >= 4  # four predicted images with their guesses

@@ -250,13 +250,19 @@ def find_config(spec: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"config {spec} not found (neither a file nor configs/{name})")
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Run the `get_config()` of a Python config file (see configs/; a bare name is looked up there) and apply
-    `key=value` overrides."""
+def load_config_module(path: str | os.PathLike) -> Any:
+    """Import a config file (see `find_config`) as a module."""
     path = find_config(path)
     spec = importlib.util.spec_from_file_location(f"cvt_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Run the `get_config()` of a Python config file (see configs/; a bare name is looked up there) and apply
+    `key=value` overrides."""
+    module = load_config_module(path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config()")
     cfg = module.get_config()
