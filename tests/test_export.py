@@ -132,6 +132,16 @@ def test_cli_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["avg", "linear"])
+def test_onnx_other_projections(tmp_path, method):
+    # AvgPool2d(ceil_mode=True) and plain linear projections keep dynamic shapes too; the export checks itself
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_13", depths=(1, 1, 1), qkv_method=method).eval()
+    result = export_onnx(model, tmp_path / "m.onnx", input_size=96, check_shapes=[(1, 3, 96, 96), (3, 3, 101, 133)])
+    assert result.max_abs_diff < 1e-4 and len(result.checks) == 2
+
+
+@pytest.mark.slow
 def test_backbone_and_full_size_onnx(tmp_path):
     torch.manual_seed(0)
     features = cvt.create_model("cvt_13", features_only=True, out_indices=(0, 2)).eval()

@@ -6,9 +6,10 @@ shapes, which both exporters keep symbolic. BatchNorm is folded into the depth-w
 (`cvt.optimize.fold_batchnorm`), so the exported graph has no BatchNormalization nodes.
 
 ONNX goes through the dynamo exporter (`torch.onnx.export(..., dynamo=True)` with named dynamic dimensions). The
-legacy TorchScript-based exporter (`dynamo=False` with `dynamic_axes`) bakes the example's grid and batch into the
-token reshapes (`unflatten` with Python ints, the class token's `expand`), so its graphs fail at any other size.
-TorchScript goes through `torch.jit.trace`, which records those sizes as `aten::size` calls.
+legacy TorchScript-based exporter (`dynamo=False` with `dynamic_axes`) was tried and rejected: it bakes the example's
+token grid into the tokens -> map reshapes and its batch into the class-token concatenation, so onnxruntime fails on
+any other size (torch 2.13). TorchScript goes through `torch.jit.trace`, which keeps those sizes as `aten::size`
+calls.
 
 Every export is checked before anything is written: the exported program is run (onnxruntime, or the reloaded
 TorchScript module) on random inputs of several shapes and compared with the original, unfolded PyTorch model.
