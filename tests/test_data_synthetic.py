@@ -81,29 +81,27 @@ def test_class_table():
 
 
 def _features(image: Image.Image) -> np.ndarray:
-    """Colour statistics only: per-channel mean and std, and a 4x4x4 colour histogram."""
+    """Colour statistics only: per-channel mean and std, and a 2x2x2 colour histogram."""
     arr = np.asarray(image, dtype=np.float32)
-    hist = np.histogramdd(arr.reshape(-1, 3), bins=4, range=[(0, 256)] * 3)[0].ravel() / arr[..., 0].size
+    hist = np.histogramdd(arr.reshape(-1, 3), bins=2, range=[(0, 256)] * 3)[0].ravel() / arr[..., 0].size
     return np.concatenate([arr.mean((0, 1)) / 255, arr.std((0, 1)) / 255, hist])
 
 
 def test_colour_alone_does_not_predict_the_class():
-    # a least-squares linear classifier on colour statistics, 60 training images per class, scored on 30 others:
+    # a least-squares linear classifier on colour statistics, 35 training images per class, scored on 15 others:
     # near chance (10%) because every colour is drawn independently of the class
     pairs = shape_classes(10)
     feats, labels = [], []
     for label, (outline, fill) in enumerate(pairs):
-        for i in range(90):
+        for i in range(50):
             feats.append(_features(render(outline, fill, 32, np.random.default_rng([label, i]))))
             labels.append(label)
     x, y = np.array(feats), np.array(labels)
     x = np.hstack([x, np.ones((len(x), 1))])
-    train = np.arange(len(y)) % 90 < 60
+    train = np.arange(len(y)) % 50 < 35
     w = np.linalg.lstsq(x[train], np.eye(10)[y[train]], rcond=None)[0]
     accuracy = (np.argmax(x[~train] @ w, 1) == y[~train]).mean()
-    assert accuracy < 0.3, accuracy
-    # a positive control with the same classifier on shape information (the object mask's silhouette moments)
-    # would be another test; the demo's training run is the real one
+    assert accuracy < 0.25, accuracy
 
 
 def test_generation_speed(tmp_path):
@@ -112,4 +110,17 @@ def test_generation_speed(tmp_path):
     start = time.perf_counter()
     make_dataset(tmp_path / "d", num_classes=10, train_per_class=20, val_per_class=5, image_size=64)
     per_image = (time.perf_counter() - start) / 250
-    assert per_image < 0.02  # the demo's 3,500 images in well under a minute (about 3 ms each measured)
+    # about 3 ms each on an idle core (the demo's 3,500 images in ~10 s); the margin absorbs a shared machine
+    assert per_image < 0.04
+
+
+def test_older_drawing_version_is_redrawn(tmp_path):
+    kwargs = {"num_classes": 2, "train_per_class": 1, "val_per_class": 0, "image_size": 16}
+    root = make_dataset(tmp_path / "d", **kwargs)
+    manifest = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**manifest, "version": 0}))
+    stale = next((root / "train/disk").iterdir())
+    stale.write_bytes(b"stale")
+    make_dataset(root, **kwargs)
+    assert json.loads((root / "dataset.json").read_text())["version"] == manifest["version"]
+    assert open_dataset(root, split="train", strict=True)[0][0].size == (16, 16)

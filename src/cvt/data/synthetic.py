@@ -4,8 +4,9 @@ Each image shows one large object on a cluttered background. The class is the ob
 square, frame, triangle, cross, star, crescent, L, T, arrow) and, for some classes, its surface texture (solid,
 stripes, checker): "square" and "square-stripes" differ only in texture, "disk" and "ring" only in the hole.
 Colours are drawn at random for every object, background and distractor, independently of the class, so colour
-alone predicts nothing; position, size (radius 22%-38% of the side), rotation, clutter (a colour gradient, 3-6
-small discs, boxes and lines, sometimes a line across the object), JPEG quality and noise vary too.
+alone predicts nothing; position, size (radius 25%-40% of the side), rotation, clutter (a gentle colour gradient,
+2-5 small discs, boxes and lines, sometimes a line across the object), JPEG quality and noise vary too. The object
+differs from what lies under it in brightness as well as in colour (whenever 40 draws find such a colour).
 
 Everything is drawn from a seed per (seed, split, class, index), so a dataset is identical bit for bit whatever
 the number of processes, and `make_dataset` can be called again on a finished directory at no cost.
@@ -32,6 +33,7 @@ from ..fileio import atomic_write
 logger = logging.getLogger(__name__)
 
 MANIFEST = "dataset.json"
+VERSION = 2  # bumped whenever the drawing changes: older datasets are redrawn
 SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down: smooth, anti-aliased edges
 
 Point = tuple[float, float]
@@ -133,61 +135,67 @@ def _texture(fill: str, size: int, rng: np.random.Generator, scale: float) -> np
     return (0.5 + 0.5 * np.tanh(4.0 * wave)).astype(np.float32)  # a square wave with soft edges
 
 
-def _colour(rng: np.random.Generator, avoid: list[np.ndarray], min_distance: float = 110.0) -> np.ndarray:
-    """A random RGB colour at least `min_distance` from each colour in `avoid` (the best of 30 tries otherwise)."""
-    best, best_distance = None, -1.0
-    for _ in range(30):
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _colour(rng: np.random.Generator, avoid: list[np.ndarray], min_distance: float = 110.0, min_luma: float = 60.0):
+    """A random RGB colour that differs from each colour in `avoid` by at least `min_distance` (RGB) and
+    `min_luma` (luminance), so edges show in brightness, not only in hue; the best of 40 tries otherwise."""
+    best, best_score = None, -math.inf
+    for _ in range(40):
         colour = rng.integers(0, 256, 3).astype(np.float32)
-        distance = min((float(np.linalg.norm(colour - a)) for a in avoid), default=math.inf)
-        if distance >= min_distance:
+        score = min(
+            (
+                min(float(np.linalg.norm(colour - a)) / min_distance, abs(float((colour - a) @ _LUMA)) / min_luma)
+                for a in avoid
+            ),
+            default=math.inf,
+        )
+        if score >= 1.0:
             return colour
-        if distance > best_distance:
-            best, best_distance = colour, distance
+        if score > best_score:
+            best, best_score = colour, score
     return best
 
 
-def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: int) -> None:
+def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: int, kinds: int = 3) -> None:
+    """`count` small distractors of random colours: discs, boxes and thin lines (only lines with kinds=1)."""
     scale = size / 64
     for _ in range(count):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        kind = rng.integers(0, 3)
+        kind = 2 - int(rng.integers(0, kinds))
         x, y = rng.uniform(0, size, 2)
         if kind == 0:  # a small disc
-            radius = rng.uniform(2.0, 5.5) * scale
+            radius = rng.uniform(1.5, 4.0) * scale
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
         elif kind == 1:  # a small box
-            w, h = rng.uniform(3.0, 9.0, 2) * scale
+            w, h = rng.uniform(2.0, 7.0, 2) * scale
             draw.rectangle((x, y, x + w, y + h), fill=colour)
-        else:  # a line
-            length, angle = rng.uniform(10, 30) * scale, rng.uniform(0, 2 * math.pi)
+        else:  # a thin line
+            length, angle = rng.uniform(8, 22) * scale, rng.uniform(0, 2 * math.pi)
             end = (x + length * math.cos(angle), y + length * math.sin(angle))
-            draw.line((x, y, *end), fill=colour, width=max(1, round(rng.uniform(1, 2.5) * scale)))
+            draw.line((x, y, *end), fill=colour, width=max(1, round(scale)))
 
 
 def render(outline: str, fill: str, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one image of class (outline, fill) at `size` x `size` with randomness from `rng`."""
     scale = size / 64
-    # background: a linear gradient between two random colours
-    c0, c1 = rng.integers(0, 256, (2, 3)).astype(np.float32)
+    # background: a random colour with a gentle linear gradient (up to +-50 per channel across the image)
+    base = rng.integers(0, 256, 3).astype(np.float32)
+    other = np.clip(base + rng.uniform(-50, 50, 3), 0, 255)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
     phi = rng.uniform(0, 2 * math.pi)
     t = np.clip(0.5 + (x - 0.5) * math.cos(phi) + (y - 0.5) * math.sin(phi), 0, 1)[..., None]
-    background = Image.fromarray(np.uint8(c0 * (1 - t) + c1 * t))
-    _clutter(ImageDraw.Draw(background), rng, size, int(rng.integers(3, 7)))
+    background = Image.fromarray(np.uint8(base * (1 - t) + other * t))
+    _clutter(ImageDraw.Draw(background), rng, size, int(rng.integers(2, 6)))
     canvas = np.asarray(background, dtype=np.float32)
 
-    # the object: radius 22%-38% of the side, centre kept so at least ~85% of it is inside the frame
-    radius = rng.uniform(0.22, 0.38) * size
+    # the object: radius 25%-40% of the side, centre kept so at least ~85% of it is inside the frame
+    radius = rng.uniform(0.25, 0.40) * size
     cx, cy = rng.uniform(0.85 * radius, size - 0.85 * radius, 2)
     big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
-    _draw_outline(
-        ImageDraw.Draw(big),
-        outline,
-        cx * SUPERSAMPLE,
-        cy * SUPERSAMPLE,
-        radius * SUPERSAMPLE,
-        rng.uniform(0, 2 * math.pi),
-    )
+    angle = rng.uniform(0, 2 * math.pi)
+    _draw_outline(ImageDraw.Draw(big), outline, cx * SUPERSAMPLE, cy * SUPERSAMPLE, radius * SUPERSAMPLE, angle)
     alpha = np.asarray(big.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[..., None] / 255.0
 
     under = canvas[alpha[..., 0] > 0.5].mean(axis=0) if (alpha > 0.5).any() else canvas.mean(axis=(0, 1))
@@ -196,10 +204,10 @@ def render(outline: str, fill: str, size: int, rng: np.random.Generator) -> Imag
     weight = _texture(fill, size, rng, scale)[..., None]
     surface = first * (1 - weight) + second * weight
     image = canvas * (1 - alpha) + surface * alpha
-    image += rng.normal(0, rng.uniform(0, 6), image.shape)
+    image += rng.normal(0, rng.uniform(0, 4), image.shape)
     out = Image.fromarray(np.uint8(np.clip(np.rint(image), 0, 255)))
-    if rng.random() < 0.3:  # sometimes a line crosses the object
-        _clutter(ImageDraw.Draw(out), rng, size, 1)
+    if rng.random() < 0.2:  # sometimes a thin line crosses the object
+        _clutter(ImageDraw.Draw(out), rng, size, 1, kinds=1)
     return out
 
 
@@ -259,7 +267,7 @@ def make_dataset(
     classes = [class_name(*pair) for pair in pairs]
     params = {
         "generator": "cvt.data.make_dataset",
-        "version": 1,
+        "version": VERSION,
         "num_classes": num_classes,
         "train_per_class": train_per_class,
         "val_per_class": val_per_class,
@@ -272,7 +280,7 @@ def make_dataset(
         if old.get("complete") and {k: old.get(k) for k in params} == params:
             logger.info("%s already holds this dataset; nothing to do", root)
             return root
-        if old.get("complete") and not overwrite:
+        if old.get("complete") and old.get("version") == VERSION and not overwrite:
             raise ValueError(
                 f"{root} holds a generated dataset with other arguments ({ {k: old.get(k) for k in params} }); "
                 "pass overwrite=True (--overwrite) to replace it or choose another directory"
