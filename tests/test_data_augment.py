@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from cvt.data import RandAugmentConfig, rand_augment_transform
-from cvt.data.auto_augment import RAND_INCREASING_TRANSFORMS, AugmentOp
+from cvt.data.auto_augment import OPS, RAND_INCREASING_TRANSFORMS, AugmentOp
 
 
 def _noise(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
@@ -172,3 +172,20 @@ def test_fill_colour_and_bicubic_from_the_train_transform():
     rotate = next(op for op in ra.ops if op.name == "Rotate")
     assert rotate.fill == (124, 116, 104)  # round(255 * mean)
     assert rotate.resample == Image.Resampling.BICUBIC and rotate.magnitude_std == 0.5 and rotate.prob == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_runs_over_the_whole_magnitude_range(name):
+    img = _noise()
+    for magnitude in (0, 5, 9, 10, 12):
+        random.seed(magnitude)
+        out = AugmentOp(name, prob=1.0, magnitude=magnitude, magnitude_max=12)(img)
+        assert out.size == img.size and out.mode == "RGB"
+
+
+def test_posterize_bits_by_hand():
+    img = Image.fromarray(np.array([[[0, 100, 200], [255, 127, 128]]], np.uint8))
+    one_bit = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=9)  # 4 - int(3.6) = 1 bit: 0 or 128
+    assert np.asarray(one_bit(img)).tolist() == [[[0, 0, 128], [128, 0, 128]]]
+    zero_bits = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)  # 4 - 4 = 0 bits: black
+    assert not np.asarray(zero_bits(img)).any()

@@ -64,7 +64,12 @@ def _invert(img: Image.Image, fill: tuple, resample: int) -> Image.Image:
 
 
 def _posterize(img: Image.Image, bits: int, fill: tuple, resample: int) -> Image.Image:
-    return img if bits >= 8 else ImageOps.posterize(img, bits)
+    # a LUT rather than ImageOps.posterize, which refuses 0 bits since Pillow 10; 0 bits (reached at magnitude 10
+    # of the increasing op) keeps no bit: a black image, as in the PIL versions timm was written against
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF
+    return img.point([i & mask for i in _IDENTITY_LUT] * len(img.getbands()))
 
 
 def _solarize(img: Image.Image, threshold: int, fill: tuple, resample: int) -> Image.Image:
