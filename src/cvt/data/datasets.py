@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import logging
 import os
 import random
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,9 @@ SPLITS = ("train", "val", "validation", "test")
 
 
 def sample_seed(*keys: int) -> int:
-    """A well-mixed 64-bit seed from non-negative integer keys such as (seed, epoch, index)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
+    """A well-mixed 64-bit seed from non-negative integer keys (< 2**64) such as (seed, epoch, index)."""
+    data = struct.pack(f"<{len(keys)}Q", *keys)  # a hash, not SeedSequence: 1 us instead of 40 per sample
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 @contextlib.contextmanager
