@@ -189,3 +189,8 @@ def test_log_uniform_aspect_of_crop():
     logs = [math.log(w / h) for _, _, h, w in (crop.get_params(Image.new("RGB", (500, 500))) for _ in range(2000))]
     # uniform in [log 3/4, log 4/3]: mean 0, std (2 * log 4/3) / sqrt(12) = 0.1661
     assert abs(np.mean(logs)) < 0.01 and abs(np.std(logs) - 0.1661) < 0.01
+
+
+def test_output_is_contiguous_channels_first():
+    x = create_eval_transform(DataConfig(input_size=(16, 16)))(_noise(20, 20))
+    assert x.is_contiguous() and x.stride() == (256, 16, 1)

@@ -174,7 +174,7 @@ class ToNormalizedTensor:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         array = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)  # (H, W, 3) -> (3, H, W)
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().float().div_(255.0)  # (H, W, 3) -> (3, H, W)
         return x.sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
