@@ -1,18 +1,48 @@
 """The paper's ablations: every variant builds, and its cost differs from CvT-13 by what is counted here by hand."""
 
+import functools
+import shlex
+from pathlib import Path
+
 import pytest
 import torch
 
-from cvt.ablations import ABLATIONS, BASELINE, PAPER_TABLES, ablation_config, get_ablation, list_ablations, paper_rows
+from cvt.ablations import (
+    ABLATIONS,
+    BASELINE,
+    PAPER_TABLES,
+    ablation_config,
+    get_ablation,
+    list_ablations,
+    paper_rows,
+    train_overrides,
+)
 from cvt.cli import main
 from cvt.config import CvTConfig
 from cvt.flops import count_params, model_cost
 from cvt.model import CvT
+from cvt.registry import model_config
+from cvt.train import apply_overrides, load_config
 
 CVT_13_PARAMS = 19_997_480  # shared/SPEC.md
 DIMS, DEPTHS = (64, 192, 384), (1, 2, 10)
 GRIDS_224 = (56, 28, 14)  # token grids of the three stages at 224
 TINY = CvTConfig(dims=(16, 48, 96), depths=(1, 1, 1))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these models are tiny: on a busy 2-core machine a second thread only waits for the first
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def cost(name: str) -> tuple[int, int]:
+    """(params, MACs) of an ablation of CvT-13 at 224, counted once per test session."""
+    return model_cost(ablation_config(name), (224, 224))
 
 
 def meta_params(cfg: CvTConfig) -> int:
@@ -83,18 +113,16 @@ def test_ablation_axes():
 
 
 def test_kv_stride_1_counts_spec_gmacs():
-    params, macs = model_cost(ablation_config("kv_stride_1"), (224, 224))
+    params, macs = cost("kv_stride_1")
     assert params == CVT_13_PARAMS
     assert macs / 1e9 == pytest.approx(6.64, rel=0.01)  # spec: 6.64 GMACs; the paper prints 6.55G
 
 
 def test_mac_deltas_by_hand():
-    _, base = model_cost(ablation_config(BASELINE))
-    _, patch = model_cost(ablation_config("patch_embed"))
+    (_, base), (_, patch) = cost(BASELINE), cost("patch_embed")
     # same output grids, smaller kernels: H*W*C_out*C_in*(k'^2 - k^2) per stage
     assert patch - base == 56 * 56 * 64 * 3 * (16 - 49) + 28 * 28 * 192 * 64 * (4 - 9) + 14 * 14 * 384 * 192 * (4 - 9)
-    _, linear = model_cost(ablation_config("linear_proj"))
-    _, kv1 = model_cost(ablation_config("kv_stride_1"))
+    (_, linear), (_, kv1) = cost("linear_proj"), cost("kv_stride_1")
     # k/v stride 1 attends over the same tokens as linear projection and adds 3 dw convs per block: H*W*C*9 each
     dw = sum(d * 3 * g * g * c * 9 for g, c, d in zip(GRIDS_224, DIMS, DEPTHS, strict=True))
     assert dw == 33_868_800
@@ -135,3 +163,19 @@ def test_cli(capsys):
     assert "| 20 | 6.55 | 82.3 | +0.7 |" in out
     assert "| Table 7 | b | conv. proj. k/v stride 2 | cvt_13 | 19,997,480 | 0 | 4.57 | 0 | 4.57 |" in out
     assert main(["ablations", "--only", "nope"]) == 2
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_DELTA))
+def test_train_flags_rebuild_the_ablation(name):
+    # the flags `cvt ablations --train-commands` prints, read back by a shell and by `cvt train`'s override parser
+    words = shlex.split(" ".join(train_overrides(name)))
+    assert words[::2] == ["--set"] * (len(words) // 2)
+    cfg = apply_overrides(load_config(Path(__file__).parents[1] / "configs" / "cvt_13_224.py"), words[1::2])
+    assert model_config(cfg.model, **cfg.model_kwargs) == ablation_config(name)
+
+
+def test_cli_train_commands(capsys):
+    assert main(["ablations", "--train-commands", "--only", "kv_stride_1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("--config configs/cvt_13_224.py --data /data/imagenet --output runs/ablations/cvt_13")
+    assert out[3].endswith("--output runs/ablations/kv_stride_1 --set model_kwargs.stride_kv=1")

@@ -204,3 +204,26 @@ def paper_rows(table: str | None = None) -> list[tuple[PaperRow, Ablation]]:
     """Every (paper row, ablation it trains), in the order of the paper's tables; one table if given."""
     rows = [(row, a) for a in ABLATIONS for row in a.paper if table is None or row.table == table]
     return sorted(rows, key=lambda pair: (pair[0].table, pair[0].row))
+
+
+def _literal(value: Any) -> str:
+    # per-stage values that agree are written once (CvTConfig broadcasts a scalar to every stage)
+    if isinstance(value, (tuple, list)) and len(set(value)) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        return value  # a bare word: `cvt train --set` reads what is not a Python literal as a string
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(repr(v) for v in value) + ")"
+    return repr(value)
+
+
+def train_overrides(name: str) -> list[str]:
+    """The `cvt train` flags that turn a CvT-13 config into this ablation, quoted for a POSIX shell.
+
+    E.g. `["--set model_kwargs.stride_kv=1"]` for "kv_stride_1"; empty for the baseline.
+    """
+    flags = []
+    for key, value in get_ablation(name).overrides.items():
+        text = f"model_kwargs.{key}={_literal(value)}"
+        flags.append(f'--set "{text}"' if any(c in text for c in "()' ") else f"--set {text}")
+    return flags

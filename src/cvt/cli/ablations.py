@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.ablations import ABLATIONS, BASELINE, PAPER_TABLES, ablation_config, get_ablation, paper_rows
+from cvt.ablations import (
+    ABLATIONS,
+    BASELINE,
+    PAPER_TABLES,
+    ablation_config,
+    get_ablation,
+    paper_rows,
+    train_overrides,
+)
 from cvt.flops import model_cost
 
 
@@ -18,6 +26,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--res", type=int, default=224, help="input size to count at (square; default 224)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these ablations (default: all)")
+    p.add_argument(
+        "--train-commands",
+        action="store_true",
+        help="print the `cvt train` command of each ablation (the paper's ImageNet recipe) instead of the table",
+    )
     p.set_defaults(func=run)
 
 
@@ -65,7 +78,27 @@ def ablation_table(res: int = 224, only: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def train_commands(only: list[str] | None = None, data: str = "/data/imagenet") -> str:
+    """One `cvt train` command per ablation: the paper's CvT-13 recipe with the ablation's model overrides."""
+    lines = []
+    for ablation in ABLATIONS:
+        if only is not None and ablation.name not in (BASELINE, *only):
+            continue
+        flags = " ".join(train_overrides(ablation.name))
+        lines.append(f"# {ablation.name}: {ablation.description}")
+        lines.append(
+            f"torchrun --nproc-per-node 8 -m cvt train --config configs/cvt_13_224.py --data {data} "
+            f"--output runs/ablations/{ablation.name}" + (f" {flags}" if flags else "")
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
+    for name in args.only or []:
+        get_ablation(name)
+    if args.train_commands:
+        print(train_commands(args.only))
+        return 0
     print(ablation_table(args.res, args.only))
     print(
         "\nParams: trainable (position embeddings laid out for the counted size). GMACs: convolutions, linear layers"
