@@ -1,16 +1,18 @@
 """Semantic segmentation with CvT as a multi-scale backbone: an FPN-lite head trained on generated shapes.
 
     python examples/segmentation.py
-    # cvt_13 from scratch, 128x128, 60 steps of 8 images: the loss falls from about 1.1 to about 0.3 in a few
-    # minutes on a laptop CPU, and the held-out pixel accuracy ends well above the 70% of "all background"
+    # cvt_13 from scratch, 96x96, 50 steps of 8 images (measured: 20 min on 2 busy CPU cores): loss 1.52 -> 0.37,
+    # held-out pixel accuracy 95.8% (all background: 88.4%), mean IoU of the shapes 52.6%
+    python examples/segmentation.py --depths 1 1 1 --size 64 --steps 40
+    # one block per stage (2.5 min there): loss 1.10 -> 0.25, pixel accuracy 95.0% (all background: 88.3%)
     python examples/segmentation.py --released        # start from the released ImageNet weights (downloaded)
     python examples/segmentation.py --weights ckpt/   # or from any checkpoint cvt can load
 
 The backbone is `cvt.create_model(name, features_only=True)`: it returns the three stage maps (strides 4, 8, 16;
 64, 192 and 384 channels for CvT-13). The head is the smallest feature pyramid: a 1x1 lateral convolution per
 stage, top-down upsampling and summation, one 3x3 convolution, a 1x1 classifier, and bilinear upsampling to the
-input size. The data are drawn on the fly: noisy backgrounds with discs, rectangles and triangles of random
-colours, and their masks (0 background, 1 disc, 2 rectangle, 3 triangle).
+input size. The data are drawn on the fly: noisy grey backgrounds with discs, rectangles and triangles, each class
+in its own jittered hue, and their masks (0 background, 1 disc, 2 rectangle, 3 triangle).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from torch import nn
 import cvt
 
 CLASSES = ("background", "disc", "rectangle", "triangle")
+# each shape class has its own hue (jittered per shape), the background is grey: learnable in a few dozen steps
+HUES = torch.tensor([(0.9, 0.25, 0.2), (0.25, 0.8, 0.25), (0.25, 0.35, 0.9)])
 MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 
@@ -40,8 +44,8 @@ def make_batch(batch_size: int, size: int, generator: torch.Generator) -> tuple[
         return lo + (hi - lo) * torch.rand((), generator=generator).item()
 
     for b in range(batch_size):
-        base = torch.rand(3, 1, 1, generator=generator)
-        images[b] = (base + 0.15 * torch.randn(3, size, size, generator=generator)).clamp(0, 1)
+        grey = torch.rand((), generator=generator) * 0.6 + 0.2
+        images[b] = (grey + 0.15 * torch.randn(3, size, size, generator=generator)).clamp(0, 1)
         for _ in range(int(torch.randint(1, 4, (), generator=generator))):
             label = int(torch.randint(1, len(CLASSES), (), generator=generator))
             cx, cy, r = rand(0.15, 0.85) * size, rand(0.15, 0.85) * size, rand(0.08, 0.22) * size
@@ -51,7 +55,8 @@ def make_batch(batch_size: int, size: int, generator: torch.Generator) -> tuple[
                 inside = ((xs - cx).abs() <= r * rand(0.6, 1.4)) & ((ys - cy).abs() <= r * rand(0.6, 1.4))
             else:  # upward triangle: below the two slanted edges, above the base
                 inside = (ys <= cy + r) & (ys >= cy - r + 2 * (xs - cx).abs())
-            images[b, :, inside] = torch.rand(3, 1, generator=generator)
+            colour = HUES[label - 1] + 0.1 * torch.randn(3, generator=generator)
+            images[b, :, inside] = colour.clamp(0, 1)[:, None]
             masks[b, inside] = label
     return (images - MEAN) / STD, masks
 
@@ -99,9 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--released", action="store_true", help="start from the variant's released weights")
     p.add_argument("--weights", default=None, help="start from this checkpoint instead")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="override the blocks per stage (smaller/faster)")
-    p.add_argument("--size", type=int, default=128, help="image side (default 128)")
+    p.add_argument("--size", type=int, default=96, help="image side (default 96)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -142,7 +147,13 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
         predicted = model(images.to(args.device)).argmax(dim=1).cpu()
     accuracy = (predicted == masks).float().mean().item()
     background = (masks == 0).float().mean().item()
-    print(f"held-out pixel accuracy {accuracy:.1%} (all background would score {background:.1%})")
+    ious = [
+        ((predicted == c) & (masks == c)).sum().item() / ((predicted == c) | (masks == c)).sum().item()
+        for c in range(1, len(CLASSES))
+        if (masks == c).any()
+    ]
+    print(f"held-out pixel accuracy {accuracy:.1%} (all background would score {background:.1%}), ", end="")
+    print(f"mean IoU of the shapes {sum(ious) / max(len(ious), 1):.1%}")
     return losses
 
 
