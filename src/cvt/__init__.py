@@ -6,6 +6,7 @@ from .export import export_onnx, export_torchscript
 from .features import CvTFeatures
 from .flops import count_macs, count_params, model_cost
 from .model import CvT
+from .optimize import optimize_for_inference
 from .registry import create_model, list_models, model_config
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "load_model",
     "model_config",
     "model_cost",
+    "optimize_for_inference",
     "resolve_model",
     "save_model",
 ]

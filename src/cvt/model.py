@@ -32,6 +32,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type in ("cpu", "cuda"):
+            # these kernels take float32 parameters with a half-precision input and compute in float32:
+            # the same numbers without the two casting copies
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
@@ -141,7 +145,9 @@ class Attention(nn.Module):
             q = k = v = x
         else:
             prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-            fmap = tokens.transpose(1, 2).unflatten(2, hw)  # (B, HW, C) -> (B, C, H, W)
+            if self.num_prefix_tokens:
+                tokens = tokens.contiguous()  # one copy here, not one inside each of the three convolutions
+            fmap = tokens.transpose(1, 2).unflatten(2, hw)  # (B, HW, C) -> (B, C, H, W), channels-last
 
             def project(proj: ConvProjection | None) -> torch.Tensor:
                 out = tokens if proj is None else proj(fmap)
