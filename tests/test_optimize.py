@@ -1,5 +1,7 @@
 """Inference rewrites (`cvt.optimize`) against the plain model's eval path and against transformers' CvT."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -7,6 +9,7 @@ from torch import nn
 
 import cvt
 from cvt.checkpoint import cvt_to_hf
+from cvt.model import QuickGELU
 from cvt.optimize import fold_batchnorm, optimize_for_inference
 
 CLS_CONFIGS = {"cls_last": (False, False, True), "no_cls": (False, False, False), "cls_all": (True, True, True)}
@@ -143,3 +146,57 @@ def test_optimized_gelu_model_matches_transformers(batch, size):
         expected = hf(x).logits
         assert_close_relative(model(x), expected, 1e-5)
         assert_close_relative(optimize_for_inference(model)(x), expected, 1e-5)
+
+
+# ---- the training path's rewrites in model.py ----
+
+
+def test_quick_gelu_values_and_gradient_match_the_formula():
+    x = torch.randn(4096, dtype=torch.float64) * 4
+    x_ref = x.clone().requires_grad_()
+    expected = x_ref * torch.sigmoid(1.702 * x_ref)
+    grad_out = torch.randn_like(x)
+    (expected_grad,) = torch.autograd.grad(expected, x_ref, grad_out)
+    x_new = x.clone().requires_grad_()
+    out = QuickGELU()(x_new)
+    (grad,) = torch.autograd.grad(out, x_new, grad_out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the inference path computes the very same numbers in place
+        xf = torch.randn(1000) * 4
+        assert torch.equal(QuickGELU()(xf), xf * torch.sigmoid(1.702 * xf))
+
+
+def test_training_step_matches_the_reference_formulas():
+    # the whole model's gradients with the rewritten QuickGELU and channels-last embedding against a model whose
+    # activation is the plain formula under autograd
+    class PlainQuickGELU(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(1.702 * x)
+
+    model = tiny_model(drop_path_rate=0.0).train()
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if hasattr(module, "act") and isinstance(module.act, QuickGELU):
+            module.act = PlainQuickGELU()
+    x = torch.randn(2, 3, 64, 48)
+    for m in (model, reference):
+        m(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_optimized_model_exports_to_onnx(tmp_path):
+    import onnxruntime  # noqa: PLC0415 - the export extra
+
+    model = tiny_model()
+    fast = optimize_for_inference(model, chunk_elements=3000)
+    x = torch.randn(2, 3, 64, 80)
+    program = torch.onnx.export(fast, (x,), dynamo=True, dynamic_shapes=({0: "batch"},))
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(y)
+    (out,) = session.run(None, {session.get_inputs()[0].name: y.numpy()})
+    assert_close_relative(torch.from_numpy(out), expected, 1e-5)
