@@ -157,14 +157,14 @@ def markdown_table(rows: list[dict[str, Any]], image_size: int) -> str:
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     head = (
         "| variant | val top-1 (mean ± std) | min-max | Δ vs cvt_13 | best-epoch top-1 | params | "
-        f"GMACs @{image_size} | wall time / run | paper (table+row: ImageNet top-1) |"
+        f"MMACs @{image_size} | wall time / run | paper (table+row: ImageNet top-1) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         delta = "-" if base is None or r is base else f"{r['mean'] - base['mean']:+.1f}"
         lines.append(
             f"| {r['variant']} | {r['mean']:.1f} ± {r['std']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {delta} "
-            f"| {r['best_mean']:.1f} | {r['params']:,} | {r['gmacs']:.3f} | {r['wall_s']:.0f} s "
+            f"| {r['best_mean']:.1f} | {r['params']:,} | {r['gmacs'] * 1e3:.1f} | {r['wall_s']:.0f} s "
             f"| {_paper(r['variant'])} |"
         )
     return "\n".join(lines)
