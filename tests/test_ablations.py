@@ -1,6 +1,8 @@
 """The paper's ablations: every variant builds, and its cost differs from CvT-13 by what is counted here by hand."""
 
 import functools
+import importlib.util
+import json
 import shlex
 from pathlib import Path
 
@@ -179,3 +181,60 @@ def test_cli_train_commands(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].endswith("--config configs/cvt_13_224.py --data /data/imagenet --output runs/ablations/cvt_13")
     assert out[3].endswith("--output runs/ablations/kv_stride_1 --set model_kwargs.stride_kv=1")
+
+
+def _study_module():
+    path = Path(__file__).parents[1] / "benchmarks" / "ablation_study.py"
+    spec = importlib.util.spec_from_file_location("ablation_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_model_kwargs_rebuild_the_variant():
+    study = _study_module()
+    cfg = ablation_config("patch_embed", study.study_base([32, 64, 128], [1, 1, 2], [1, 2, 4]), input_size=(48, 48))
+    kwargs = study.model_kwargs(cfg)
+    assert kwargs == {
+        "dims": [32, 64, 128],
+        "depths": [1, 1, 2],
+        "heads": [1, 2, 4],
+        "embed_kernel": [4, 2, 2],
+        "embed_padding": [0, 0, 0],
+        "pos_embed_size": [48, 48],
+        "drop_path_rate": [0.0, 0.0, 0.0],
+    }
+    assert model_config("cvt_13", **kwargs) == cfg
+
+
+def test_study_summary_and_table():
+    study = _study_module()
+    runs = [
+        {"variant": v, "final_top1": t, "best_top1": t + 1, "wall_time_s": 10.0 * (i + 1), "params": 5, "gmacs": 0.002}
+        for v, tops in (("cvt_13", (60.0, 70.0, 80.0)), ("linear_proj", (50.0, 50.0, 53.0)))
+        for i, t in enumerate(tops)
+    ]
+    base, linear = study.summarise(runs, ["cvt_13", "linear_proj"])
+    assert (base["mean"], base["std"], base["min"], base["max"], base["wall_s"]) == (70.0, 10.0, 60.0, 80.0, 20.0)
+    assert linear["mean"] == 51.0 and linear["std"] == pytest.approx(3**0.5)  # deviations -1, -1, 2: var 6 / 2
+    table = study.markdown_table([base, linear], 48).splitlines()
+    assert table[2].startswith("| cvt_13 | 70.0 ± 10.0 | 60.0-80.0 | - | 71.0 | 5 | 2.0 | 20 s | 5f: 81.6, 6d: 81.6")
+    assert table[3].startswith("| linear_proj | 51.0 ± 1.7 | 50.0-53.0 | -19.0 | 52.0 | 5 | 2.0 | 20 s | 8a: 80.6 |")
+
+
+@pytest.mark.slow
+def test_study_end_to_end(tmp_path):
+    study = _study_module()
+    argv = ["--out", str(tmp_path), "--variants", "cvt_13", "kv_stride_1", "--seeds", "0", "--epochs", "1"]
+    argv += ["--num-classes", "2", "--train-per-class", "8", "--val-per-class", "4", "--image-size", "32"]
+    argv += ["--batch-size", "8"]
+    assert study.main(argv) == 0
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("cvt_13", 0), ("kv_stride_1", 0)]
+    assert all(0.0 <= r["final_top1"] <= 100.0 for r in runs)
+    assert "| kv_stride_1 |" in (tmp_path / "ablations_table.md").read_text()
+    assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = tmp_path / "runs" / "cvt_13" / "seed0" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    assert study.main(argv) == 0  # finished runs are read back, not trained again
+    assert summary.stat().st_mtime_ns == stamp
