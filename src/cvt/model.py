@@ -167,7 +167,10 @@ class Attention(nn.Module):
             prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
             if self.num_prefix_tokens:
                 tokens = tokens.contiguous()  # one copy here, not one inside each of the three convolutions
-            fmap = tokens.transpose(1, 2).unflatten(2, hw)  # (B, HW, C) -> (B, C, H, W), channels-last
+            # (B, HW, C) -> (B, H, W, C) -> (B, C, H, W): a channels-last view. Built this way, not by transposing
+            # first, its strides say channels-last even for a batch of 1 (where transpose + unflatten leaves an
+            # odd batch stride, and the convolution then runs channels-first with two conversions: 8x slower)
+            fmap = tokens.unflatten(1, hw).permute(0, 3, 1, 2)
 
             def project(proj: ConvProjection | None) -> torch.Tensor:
                 out = tokens if proj is None else proj(fmap)
@@ -281,7 +284,7 @@ class Stage(nn.Module):
 
     def to_map(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """Drop the class token and fold tokens back into a map: (B, prefix + HW, C) -> (B, C, H, W)."""
-        return x[:, self.num_prefix_tokens :].transpose(1, 2).unflatten(2, hw)
+        return x[:, self.num_prefix_tokens :].unflatten(1, hw).permute(0, 3, 1, 2)  # channels-last view
 
 
 def _stage_grid(cfg: CvTConfig, stage: int, input_size: tuple[int, int]) -> tuple[int, int]:

@@ -151,7 +151,7 @@ class InferenceAttention(nn.Module):
             prefix, tokens = x[:, :p], x[:, p:]
             if p:
                 tokens = tokens.contiguous()  # one copy, so that every convolution gets a channels-last map
-            fmap = tokens.transpose(1, 2).unflatten(2, hw)  # (B, HW, C) -> (B, C, H, W) channels-last view
+            fmap = tokens.unflatten(1, hw).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W), channels-last view
 
             def project(conv: ConvProjection) -> torch.Tensor:
                 return torch.cat((prefix, conv(fmap)), dim=1) if p else conv(fmap)
