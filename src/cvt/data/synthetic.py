@@ -4,9 +4,11 @@ Each image shows one large object on a cluttered background. The class is the ob
 square, frame, triangle, cross, star, crescent, L, T, arrow) and, for some classes, its surface texture (solid,
 stripes, checker): "square" and "square-stripes" differ only in texture, "disk" and "ring" only in the hole.
 Colours are drawn at random for every object, background and distractor, independently of the class, so colour
-alone predicts nothing; position, size (radius 25%-40% of the side), rotation, clutter (a gentle colour gradient,
-2-5 small discs, boxes and lines, sometimes a line across the object), JPEG quality and noise vary too. The object
-differs from what lies under it in brightness as well as in colour (whenever 40 draws find such a colour).
+alone predicts nothing; position, size (radius 28%-42% of the side), rotation, clutter (a gentle colour gradient,
+2-5 small discs, boxes and lines near the background colour, sometimes a line across the object), JPEG quality and
+noise vary too. Stripes and checks are 5.5-7.5 pixels wide at 64x64, coarse enough for a stride-4 patch
+embedding. The object differs from what lies under it in brightness as well as in colour (whenever 40 draws find
+such a colour).
 
 Everything is drawn from a seed per (seed, split, class, index), so a dataset is identical bit for bit whatever
 the number of processes, and `make_dataset` can be called again on a finished directory at no cost.
@@ -33,7 +35,7 @@ from ..fileio import atomic_write
 logger = logging.getLogger(__name__)
 
 MANIFEST = "dataset.json"
-VERSION = 2  # bumped whenever the drawing changes: older datasets are redrawn
+VERSION = 3  # bumped whenever the drawing changes: older datasets are redrawn
 SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down: smooth, anti-aliased edges
 
 Point = tuple[float, float]
@@ -127,7 +129,8 @@ def _texture(fill: str, size: int, rng: np.random.Generator, scale: float) -> np
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     phi = rng.uniform(0, math.pi)
     u = x * math.cos(phi) + y * math.sin(phi)
-    period = rng.uniform(3.0, 4.5) * scale  # width of one stripe or check, in pixels
+    # width of one stripe or check: 5.5-7.5 pixels at 64, two to three tokens of the model's stride-4 embedding
+    period = rng.uniform(5.5, 7.5) * scale
     wave = np.sin(math.pi * u / period + rng.uniform(0, 2 * math.pi))
     if fill == "checker":
         v = -x * math.sin(phi) + y * math.cos(phi)
@@ -138,7 +141,7 @@ def _texture(fill: str, size: int, rng: np.random.Generator, scale: float) -> np
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def _colour(rng: np.random.Generator, avoid: list[np.ndarray], min_distance: float = 110.0, min_luma: float = 60.0):
+def _colour(rng: np.random.Generator, avoid: list[np.ndarray], min_distance: float = 110.0, min_luma: float = 80.0):
     """A random RGB colour that differs from each colour in `avoid` by at least `min_distance` (RGB) and
     `min_luma` (luminance), so edges show in brightness, not only in hue; the best of 40 tries otherwise."""
     best, best_score = None, -math.inf
@@ -158,11 +161,22 @@ def _colour(rng: np.random.Generator, avoid: list[np.ndarray], min_distance: flo
     return best
 
 
-def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, count: int, kinds: int = 3) -> None:
-    """`count` small distractors of random colours: discs, boxes and thin lines (only lines with kinds=1)."""
+def _clutter(
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    size: int,
+    count: int,
+    near: np.ndarray | None = None,
+    kinds: int = 3,
+) -> None:
+    """`count` small distractors: discs, boxes and thin lines (only lines with kinds=1), in random colours or,
+    with `near`, in colours within +-70 of it per channel (visible but less salient than the object)."""
     scale = size / 64
     for _ in range(count):
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if near is None:
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        else:
+            colour = tuple(int(c) for c in np.clip(near + rng.uniform(-70, 70, 3), 0, 255))
         kind = 2 - int(rng.integers(0, kinds))
         x, y = rng.uniform(0, size, 2)
         if kind == 0:  # a small disc
@@ -187,11 +201,11 @@ def render(outline: str, fill: str, size: int, rng: np.random.Generator) -> Imag
     phi = rng.uniform(0, 2 * math.pi)
     t = np.clip(0.5 + (x - 0.5) * math.cos(phi) + (y - 0.5) * math.sin(phi), 0, 1)[..., None]
     background = Image.fromarray(np.uint8(base * (1 - t) + other * t))
-    _clutter(ImageDraw.Draw(background), rng, size, int(rng.integers(2, 6)))
+    _clutter(ImageDraw.Draw(background), rng, size, int(rng.integers(2, 6)), near=base)
     canvas = np.asarray(background, dtype=np.float32)
 
-    # the object: radius 25%-40% of the side, centre kept so at least ~85% of it is inside the frame
-    radius = rng.uniform(0.25, 0.40) * size
+    # the object: radius 28%-42% of the side, centre kept so at least ~85% of it is inside the frame
+    radius = rng.uniform(0.28, 0.42) * size
     cx, cy = rng.uniform(0.85 * radius, size - 0.85 * radius, 2)
     big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
     angle = rng.uniform(0, 2 * math.pi)
@@ -206,7 +220,7 @@ def render(outline: str, fill: str, size: int, rng: np.random.Generator) -> Imag
     image = canvas * (1 - alpha) + surface * alpha
     image += rng.normal(0, rng.uniform(0, 4), image.shape)
     out = Image.fromarray(np.uint8(np.clip(np.rint(image), 0, 255)))
-    if rng.random() < 0.2:  # sometimes a thin line crosses the object
+    if rng.random() < 0.15:  # sometimes a thin line crosses the object
         _clutter(ImageDraw.Draw(out), rng, size, 1, kinds=1)
     return out
 
