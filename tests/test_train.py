@@ -44,9 +44,6 @@ def tiny_config(data, output, **kw) -> TrainConfig:
         "amp": "none",
         "output": str(output),
         "progress": False,
-        # the paper's RandAugment without magnitude noise (mstd0): at magnitude 10 the data package asks PIL to
-        # posterize to 0 bits, which raises
-        "auto_augment": "rand-m9-mstd0-inc1",
     }
     return TrainConfig(**{**base, **kw})
 
@@ -91,7 +88,7 @@ def test_training_learns_and_fills_the_run_directory(shapes, tmp_path):
     # mean-pooled head: this narrow net fits 32 images in 24 steps with it, the class token needs far longer
     cfg = tiny_config(shapes, tmp_path / "run", epochs=6, warmup_epochs=0, lr=3e-3, auto_augment=None, re_prob=0.0,
                       mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0, scale=None, hflip=0.0,
-                      model_kwargs={**TINY, "cls_token": False})  # fmt: skip
+                      model_kwargs={**TINY, "cls_token": False}, tensorboard=True)  # fmt: skip
     summary = train(cfg)
     run = tmp_path / "run"
     for name in ("config.json", "metrics.csv", "summary.json", "last.pt", "best.pt", "curves.png"):
@@ -105,6 +102,7 @@ def test_training_learns_and_fills_the_run_directory(shapes, tmp_path):
     assert float(rows[3]["lr"]) == pytest.approx(1.505e-3)
     assert float(rows[5]["lr"]) == pytest.approx(1e-5 + 1.495e-3 * (1 - 0.8660254037844387))
     assert float(rows[3]["throughput"]) > 0
+    assert list((run / "tb").glob("events.out.tfevents.*"))  # TensorBoard logging
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["completed"] and summary["epochs_done"] == 6 and summary["global_step"] == 24
     assert summary["best_top1"] == max(float(r["val_top1"]) for r in rows)

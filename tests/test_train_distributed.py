@@ -21,7 +21,6 @@ SETTINGS = dict(
                   "drop_path_rate": 0.0},
     input_size=32, num_workers=0, epochs=2, warmup_epochs=1, lr=2e-3, amp="none", mixup_alpha=0.0,
     cutmix_alpha=0.0, progress=False, deterministic=True,
-    auto_augment="rand-m9-mstd0-inc1",  # no magnitude noise: at 10 the data package posterizes to 0 bits and PIL raises
 )  # fmt: skip
 
 
