@@ -294,6 +294,8 @@ def test_tar_bad_member_is_skipped_or_strict(tmp_path, caplog):
         _add(tar, "0002.jpg", b"garbage")
         _add(tar, "0002.cls", b"1")
         _add(tar, "0003.png", (tmp_path / "g.png").read_bytes())  # no label
+        _add(tar, "0004.png", (tmp_path / "g.png").read_bytes())
+        _add(tar, "0004.cls", b"cat")  # not a class index
     with caplog.at_level(logging.WARNING):
         got = list(open_dataset(tmp_path / "s-0.tar"))
     assert [(img.getpixel((0, 0)), label) for img, label in got] == [((7, 7, 7), 2)]
@@ -301,7 +303,12 @@ def test_tar_bad_member_is_skipped_or_strict(tmp_path, caplog):
     assert any("0003" in r.getMessage() and "needs an image and a .cls label" in r.getMessage() for r in caplog.records)
     with pytest.raises(UnreadableImageError, match="0002.jpg"):
         list(open_dataset(tmp_path / "s-0.tar", strict=True))
+    assert any("0004" in r.getMessage() for r in caplog.records)
     assert open_dataset(tmp_path / "s-0.tar").classes == ["0", "1", "2"]  # no classes.txt: from the labels
+    data = (tmp_path / "s-0.tar").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "s-1.tar").write_bytes(data[:3000])  # cut inside 0002: only 0001 (label 2) is whole
+    assert open_dataset(tmp_path / "cut" / "s-1.tar").classes == ["0", "1", "2"]
 
 
 def test_tar_truncated_shard_keeps_what_came_before(shard_dir, tmp_path, caplog):

@@ -13,6 +13,7 @@ across all ranks and workers, provided there are at least as many shards as rank
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
@@ -107,6 +108,20 @@ def _sample_label(files: dict[str, bytes]) -> int | None:
     return int(data.decode("utf-8").strip())
 
 
+def _shard_labels(path: str) -> set[int]:
+    """The labels found in a shard (what can be read of it)."""
+    labels = set()
+    try:
+        for _, files in iter_tar_samples(path):
+            with contextlib.suppress(ValueError):
+                label = _sample_label(files)
+                if label is not None:
+                    labels.add(label)
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # reading the samples reports the damage
+    return labels
+
+
 class TarShardDataset(IterableDataset):
     """An iterable dataset over tar shards, split by rank and by loader worker (see the module notes).
 
@@ -165,8 +180,7 @@ class TarShardDataset(IterableDataset):
             if names_file.is_file():
                 self._classes = [line.strip() for line in names_file.read_text("utf-8").splitlines() if line.strip()]
             else:
-                labels = {_sample_label(files) for shard in self.shards for _, files in iter_tar_samples(shard)}
-                labels.discard(None)
+                labels = set().union(*(_shard_labels(shard) for shard in self.shards))
                 self._classes = [str(i) for i in range(max(labels) + 1)] if labels else []
         return self._classes
 
@@ -198,7 +212,7 @@ class TarShardDataset(IterableDataset):
         return mine
 
     def __len__(self) -> int:
-        """Samples in this rank's shards (counted once from the tar headers)."""
+        """Samples in this rank's shards this epoch (counted once per shard from the tar headers)."""
         return sum(self._count(path) for _, path in self.rank_shards())
 
     def _count(self, path: str) -> int:
