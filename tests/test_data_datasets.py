@@ -307,7 +307,7 @@ def test_tar_bad_member_is_skipped_or_strict(tmp_path, caplog):
     assert open_dataset(tmp_path / "s-0.tar").classes == ["0", "1", "2"]  # no classes.txt: from the labels
     data = (tmp_path / "s-0.tar").read_bytes()
     (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "s-1.tar").write_bytes(data[:3000])  # cut inside 0002: only 0001 (label 2) is whole
+    (tmp_path / "cut" / "s-1.tar").write_bytes(data[:4000])  # cut inside sample 0002: only 0001 (label 2) is whole
     assert open_dataset(tmp_path / "cut" / "s-1.tar").classes == ["0", "1", "2"]
 
 
