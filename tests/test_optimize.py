@@ -98,6 +98,7 @@ def test_optimized_model_traces():
         assert_close_relative(traced(x), model(x), 1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
 @pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
 def test_optimized_bfloat16_close_to_fp32(method):
     model = tiny_model(qkv_method=method)
@@ -110,6 +111,7 @@ def test_optimized_bfloat16_close_to_fp32(method):
     assert_close_relative(out, expected, 3e-2)
 
 
+@pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
 def test_optimized_bfloat16_top1_agrees_on_peaked_logits():
     # Random weights give near-uniform logits, where any rounding flips the top-1; a trained model's are peaked.
     # Make them so: the head maps each image's fp32 features to its own class, as a trained classifier would.

@@ -26,6 +26,7 @@ tensor values, and under tracing, export or `torch.compile` the MLP runs as one 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +241,13 @@ def optimize_for_inference(
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, not {dtype}")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if dtype == torch.bfloat16 and on_cpu and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn(
+            "this CPU has no native bfloat16 kernels (oneDNN needs AVX512-BF16 or AMX): torch falls back to scalar "
+            "code, far slower than float32",
+            stacklevel=2,
+        )
     model = fold_batchnorm(model)
     for stage in model.stages:
         stage.patch_embed = InferenceConvEmbed(stage.patch_embed)

@@ -1,0 +1,321 @@
+"""Speed and peak memory of our CvT against transformers' CvT on the same weights, measured side by side.
+
+    .venv/bin/python benchmarks/bench_models.py                        # the README table (~30 min on 2 idle cores)
+    .venv/bin/python benchmarks/bench_models.py --models cvt_13 --batch 1 --reps 3 --no-train --no-memory
+    .venv/bin/python benchmarks/bench_models.py --extra official=my_pkg.cvt:build   # one more implementation
+
+Method (so the figures can be judged):
+- One process, `torch.set_num_threads(2)` (`--threads`). Each row builds every implementation on the same weights
+  (ours, converted to transformers' layout with `cvt.checkpoint.cvt_to_hf`), warms each up, then runs them in
+  alternation, `--reps` times each (4x for batch 1), and reports the median: a load change on a shared machine
+  hits all of them alike.
+- Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
+  `cvt.optimize_for_inference(model)` (`ours-opt-compiled`: with `compile=True`, under `--compile`); `hf` is
+  `transformers.CvtForImageClassification`. Ours is timed with its default QuickGELU (what the released weights
+  need; transformers computes GELU, one kernel fewer per block), and before timing its logits with act="gelu"
+  are checked against transformers' on the same weights.
+- Inference runs under `torch.inference_mode()`; a training step is forward + cross-entropy + backward +
+  `AdamW.step()` (default settings for both), in train mode (drop path on, as configured).
+- bf16: the same models converted to bfloat16 (`optimize_for_inference(model, dtype=torch.bfloat16)` for ours,
+  `.to(torch.bfloat16)` for transformers). Measured only where oneDNN has native bf16 (AVX512-BF16/AMX); on
+  other CPUs torch falls back to scalar kernels about 100x slower, and the rows say so instead (`--force-bf16`).
+- Peak memory (Linux): each (implementation, row) runs again in a fresh subprocess that builds the model, returns
+  freed heap to the OS (`malloc_trim`), resets the kernel's peak-RSS mark (`/proc/self/clear_refs`), runs two
+  steps and reads the mark (`VmHWM`): "peak RSS" is the process's largest resident set during those steps (model,
+  activations, gradients, optimizer state, allocator slack: what the OS must provide), "(step)" its increase
+  over the resident set just before them. Python-level tracers (tracemalloc) do not see torch's allocations.
+- Matmul peak: a 2048x2048 fp32 (and bf16) matmul into a reused output buffer, measured in the same run; "% peak"
+  is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts them; x3 for a training step) over it.
+- `--extra label=module:factory`: `factory(cfg: cvt.CvTConfig) -> nn.Module` mapping images to logits (or to an
+  object with `.logits`); compared for speed only, on its own weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cvt
+from cvt.checkpoint import config_to_hf, cvt_to_hf
+from cvt.flops import model_cost
+
+# (task, batch, input size) rows of the default table
+INFER_BATCHES = (1, 32)
+TRAIN_ROWS = ((32, 224), (64, 64))
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    task: str  # "infer" or "train"
+    dtype: str
+    batch: int
+    size: int
+    results: dict[str, float] = dataclasses.field(default_factory=dict)  # implementation -> images/s
+    memory: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # impl -> (peak, step) MiB
+    note: str = ""
+
+
+def machine() -> str:
+    name = platform.processor() or "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}, oneDNN ISA {_onednn_isa()}"
+
+
+def _onednn_isa() -> str:
+    code = "import torch; torch.nn.functional.conv2d(torch.ones(2, 8, 8, 8), torch.ones(8, 1, 3, 3), groups=8)"
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+    for line in out.splitlines():
+        if ",isa:" in line:
+            return line.split(",isa:", 1)[1].strip()
+    return "unknown"
+
+
+def native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# ---- implementations ----
+
+
+def build(
+    impl: str, name: str, dtype: torch.dtype, extras: dict[str, str], train: bool, act: str = "quick_gelu"
+) -> nn.Module:
+    """One implementation of `name` with the shared weights (seeded), in train or eval mode."""
+    torch.manual_seed(0)
+    ours = cvt.create_model(name, act=act)
+    if impl == "ours":
+        return ours.train(train).to(dtype)
+    if impl in ("ours-opt", "ours-opt-compiled"):
+        return cvt.optimize_for_inference(ours.eval(), dtype=dtype, compile=impl == "ours-opt-compiled")
+    if impl == "hf":
+        import transformers  # noqa: PLC0415 - only the benchmark needs it
+
+        transformers.logging.set_verbosity_error()
+        hf = transformers.CvtForImageClassification(transformers.CvtConfig(**config_to_hf(ours.cfg)))
+        hf.load_state_dict(cvt_to_hf(ours.state_dict()), strict=True)
+        return hf.train(train).to(dtype)
+    module, _, factory = extras[impl].partition(":")
+    return getattr(importlib.import_module(module), factory)(ours.cfg).train(train).to(dtype)
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def make_step(model: nn.Module, task: str, x: torch.Tensor) -> Callable[[], None]:
+    if task == "infer":
+
+        def infer() -> None:
+            with torch.inference_mode():
+                logits(model, x)
+
+        return infer
+    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(logits(model, x), target).backward()
+        optimizer.step()
+
+    return train_step
+
+
+def implementations(row: Row, extras: dict[str, str], compiled: bool = False) -> list[str]:
+    names = ["ours", "ours-opt", "hf"] if row.task == "infer" else ["ours", "hf"]
+    if compiled and row.task == "infer":
+        names.insert(2, "ours-opt-compiled")
+    return names + list(extras)
+
+
+# ---- measurements ----
+
+
+def check_logits(name: str) -> str:
+    """Max |ours - transformers| / max |transformers| on 4 images, for the plain and the optimized model."""
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = logits(build("hf", name, torch.float32, {}, False), x)
+        diffs = [
+            (
+                (logits(build(impl, name, torch.float32, {}, False, "gelu"), x) - ref).abs().max() / ref.abs().max()
+            ).item()
+            for impl in ("ours", "ours-opt")
+        ]
+    return f"{name} logits vs transformers (act=gelu): ours {diffs[0]:.1e}, ours-opt {diffs[1]:.1e} (max rel.)"
+
+
+def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool) -> None:
+    dtype = getattr(torch, row.dtype)
+    x = torch.randn(row.batch, 3, row.size, row.size, generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for impl in implementations(row, extras, compiled):
+        model = build(impl, row.model, dtype, extras, row.task == "train")
+        steps[impl] = make_step(model, row.task, x if impl.startswith("ours-opt") else x.to(dtype))
+        for _ in range(2 if row.batch == 1 else 1):
+            steps[impl]()
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for _ in range(reps * 4 if row.batch == 1 else reps):  # a batch of 1 is quick and noisier
+        for impl, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - start)
+    row.results = {impl: row.batch / statistics.median(t) for impl, t in times.items()}
+
+
+def memory_row(row: Row, extras: dict[str, str], threads: int) -> None:
+    for impl in implementations(row, extras):
+        spec = json.dumps({"row": dataclasses.asdict(row), "impl": impl, "extras": extras, "threads": threads})
+        proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"memory measurement of {impl} failed:\n{proc.stderr[-2000:]}")
+        peak, step = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.memory[impl] = (peak, step)
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 2**10  # kB
+
+
+def memory_child(spec: dict[str, Any]) -> None:
+    """Runs in a fresh process: prints [peak RSS over two steps, that peak - RSS before them] in MiB."""
+    torch.set_num_threads(spec["threads"])
+    row = Row(**spec["row"])
+    dtype = getattr(torch, row.dtype)
+    model = build(spec["impl"], row.model, dtype, spec["extras"], row.task == "train")
+    x = torch.randn(row.batch, 3, row.size, row.size)
+    step = make_step(model, row.task, x if spec["impl"].startswith("ours-opt") else x.to(dtype))
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building the model freed, so "before" is honest
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark to the current RSS (Linux >= 4.0)
+    step()
+    step()  # a training step's optimizer state exists from the first step on
+    peak = _status_mib("VmHWM")
+    print(json.dumps([peak, peak - before]))
+
+
+# ---- report ----
+
+
+def table(rows: list[Row], peaks: dict[str, float], macs: dict[tuple[str, int], int]) -> str:
+    lines = [
+        "| model | task | dtype | batch | input | implementation | img/s | vs hf | % matmul peak | peak RSS MiB "
+        "(step) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.note:
+            lines.append(f"| {row.model} | {row.task} | {row.dtype} | {row.batch} | {row.size} | {row.note} |||||")
+            continue
+        ref = row.results.get("hf")
+        for impl, speed in row.results.items():
+            flops = 2 * macs[(row.model, row.size)] * (3 if row.task == "train" else 1)
+            peak = peaks["bfloat16" if row.dtype == "bfloat16" else "float32"]
+            frac = f"{100 * speed * flops / 1e9 / peak:.0f}%" if peak else "-"
+            ratio = f"{speed / ref:.2f}x" if ref else "-"
+            mem = row.memory.get(impl)
+            mem_text = f"{mem[0]:.0f} ({mem[1]:.0f})" if mem else "-"
+            lines.append(
+                f"| {row.model} | {row.task} | {row.dtype} | {row.batch} | {row.size} | {impl} | {speed:.2f} | "
+                f"{ratio} | {frac} | {mem_text} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cvt_13", "cvt_21"])
+    parser.add_argument("--batch", type=int, nargs="+", default=list(INFER_BATCHES), help="inference batch sizes")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
+    parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--compile", action="store_true", help="also time optimize_for_inference(compile=True)")
+    parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 kernels")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODULE:FACTORY")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(json.loads(args.memory_child))
+        return 0
+    torch.set_num_threads(args.threads)
+    extras = dict(spec.split("=", 1) for spec in args.extra)
+    bf16_ok = native_bf16() or args.force_bf16
+    print(f"machine: {machine()}", flush=True)
+    peaks = {"float32": matmul_gflops(torch.float32), "bfloat16": 0.0}
+    # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
+    peaks["bfloat16"] = matmul_gflops(torch.bfloat16, n=2048 if bf16_ok else 256, reps=5 if bf16_ok else 1)
+    print(f"matmul peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
+
+    rows = []
+    for name in args.models:
+        if not args.no_infer:
+            print(check_logits(name), flush=True)
+            rows += [Row(name, "infer", dt, b, 224) for dt in args.dtypes for b in args.batch]
+        if not args.no_train:
+            rows += [Row(name, "train", "float32", b, s) for b, s in TRAIN_ROWS]
+    macs = {(r.model, r.size): model_cost(cvt.model_config(r.model), (r.size, r.size))[1] for r in rows}
+    for row in rows:
+        if row.dtype == "bfloat16" and not bf16_ok:
+            row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
+        else:
+            time_row(row, extras, args.reps, args.compile)
+            if not args.no_memory:
+                memory_row(row, extras, args.threads)
+        print("\n".join(table([row], peaks, macs).splitlines()[2:]), flush=True)
+    print()
+    print(table(rows, peaks, macs))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "matmul_gflops": peaks, "rows": [dataclasses.asdict(r) for r in rows]}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
