@@ -12,7 +12,7 @@ the model's function exactly (fp32 outputs agree up to rounding) and says below 
 - QuickGELU `x * sigmoid(1.702 x)` equals `silu(1.702 x) / 1.702`: the 1.702 goes into fc1's weight and bias,
   the 1 / 1.702 into fc2's weight, leaving one in-place SiLU.
 - Each block writes its residual stream once: the output projection accumulates into a copy of the residual
-  (`addmm`), and the MLP half runs over row chunks whose hidden activations (4x the width) stay in cache and
+  (plus its bias), and the MLP half runs over row chunks whose hidden activations (4x the width) stay in cache and
   accumulate into that copy in place. Without chunks, the hidden tensor of a batch of 32 is 40-100 MB, which
   glibc serves with fresh `mmap`s: every forward pass page-faults it in again, four times over in the activation.
 - The first convolution sees its input in channels-last layout, so its output is already in token order.
@@ -203,11 +203,10 @@ class InferenceBlock(nn.Module):
         shape = x.shape
         context = self.attn(self.norm1(x), hw).flatten(0, 1)  # (B * N, C)
         proj, fc2 = self.attn.proj, self.mlp.fc2
-        x = torch.addmm(x.flatten(0, 1), context, proj.weight.t())  # x + proj(context) without its bias, below
+        x = torch.add(x.flatten(0, 1), proj.bias).addmm_(context, proj.weight.t())  # x + proj(context), a new buffer
         rows = max(1, self.chunk_elements // self.mlp.fc1.out_features) if self.chunk_elements else x.shape[0]
         chunks = x.split(rows) if _not_tracing() else (x,)
-        for chunk in chunks:  # in place: each chunk of the new residual stream gets its attention bias and its MLP
-            chunk.add_(proj.bias)
+        for chunk in chunks:  # in place: each chunk of the residual stream gets its MLP while it is in cache
             chunk.addmm_(self.mlp.hidden(self.norm2(chunk)), fc2.weight.t()).add_(fc2.bias)
         return x.view(shape)
 
