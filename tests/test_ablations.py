@@ -98,7 +98,10 @@ def test_builds_and_trains_tiny(name):
     out = model(x)
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     out.logsumexp(-1).mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    # every parameter trains, except the q projection of the last block, which `forward` leaves out (the head
+    # reads the class token, whose query skips the convolution)
+    unused = {n for n, p in model.named_parameters() if p.grad is None}
+    assert unused <= {f"stages.2.blocks.0.attn.conv_proj_q.{s}" for s in ("conv.weight", "bn.weight", "bn.bias")}
     # token grids: 32 / 4, / 8, / 16 for both overlapping convs and non-overlapping patches
     with torch.no_grad():
         maps = model.eval().forward_intermediates(x, intermediates_only=True)

@@ -28,12 +28,17 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 7)
     out.square().mean().backward()
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
     # Only the class token's query of the last block reaches the head, and it skips the convolution, so that
-    # block's q conv/BN get an exactly-zero gradient; every other parameter must get a non-zero one.
+    # block's q conv/BN are not used by `forward` (no gradient); every other parameter gets a non-zero one.
     last = f"stages.2.blocks.{len(model.stages[2].blocks) - 1}.attn.conv_proj_q."
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == [last + s for s in ("conv.weight", "bn.weight", "bn.bias")]
+    assert [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.abs().sum() > 0] == []
+    # ... and the whole network's forward, which computes every row, gives exactly zero to those three
+    model.zero_grad(set_to_none=True)
+    model.forward_head(model.forward_features(torch.randn(2, 3, 64, 64))).square().mean().backward()
     zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
-    assert zero == [last + s for s in ("conv.weight", "bn.weight", "bn.bias")]
+    assert zero == unused
 
 
 def test_batch_of_one_keeps_batch_dim(name):
@@ -73,15 +78,18 @@ def test_gradient_checkpointing_same_output_and_grads(name):
     torch.manual_seed(1)
     ref = model(x)
     ref.sum().backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
+    ref_grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
     model.set_grad_checkpointing()
     torch.manual_seed(1)
     out = model(x)
     out.sum().backward()
     torch.testing.assert_close(out, ref)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[n], msg=n)
+        if ref_grads[n] is None:  # unused by `forward` (see the test above): unused with checkpointing too
+            assert p.grad is None, n
+        else:
+            torch.testing.assert_close(p.grad, ref_grads[n], msg=n)
 
 
 def test_no_weight_decay_names_exist(name):
@@ -230,3 +238,16 @@ def test_avg_projection_pools_kv_only():
     out = (w @ split(v)).permute(0, 2, 1, 3).reshape(1, 25, 16) @ attn.proj.weight.T + attn.proj.bias
     with torch.no_grad():
         torch.testing.assert_close(attn(x, hw), out)
+
+
+@pytest.mark.parametrize("method", ["dw_bn", "avg", "linear"])
+def test_forward_computes_the_class_token_row_alone(method):
+    # `forward` skips the last block's other rows; the whole network's class token must be the same
+    model = cvt.create_model("cvt_13", dims=(16, 32, 48), heads=(1, 2, 3), depths=(1, 1, 2), qkv_method=method,
+                             num_classes=7).eval()  # fmt: skip
+    x = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert tokens.shape == (3, 1 + 4 * 5, 48)
+        assert model.forward_features(x, class_token_only=True).shape == (3, 1, 48)
+        torch.testing.assert_close(model(x), model.head(tokens[:, 0]), rtol=1e-5, atol=1e-6)

@@ -88,11 +88,12 @@ def test_weight_decay_groups():
     assert len(no_decay["names"]) == 3 * 19 + 1 + 2 + 1
 
 
-def test_adamw_decays_only_the_decay_group():
+@pytest.mark.parametrize("fused", [False, True])
+def test_adamw_decays_only_the_decay_group(fused):
     # with zero gradients AdamW's update is pure decoupled decay: p <- p * (1 - lr * wd)
     model = tiny_model()
-    opt = create_optimizer(model, lr=0.1, weight_decay=0.05)
-    assert isinstance(opt, torch.optim.AdamW)
+    opt = create_optimizer(model, lr=0.1, weight_decay=0.05, fused=fused)
+    assert isinstance(opt, torch.optim.AdamW) and bool(opt.defaults["fused"]) == fused
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

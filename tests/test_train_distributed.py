@@ -88,3 +88,21 @@ def test_ddp_two_processes_match_one(tmp_path, shapes, reference):
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one(tmp_path, shapes, reference):
     assert_same_training(torchrun(tmp_path, shapes, "--set", "fsdp=True"), reference)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_released_layout_with_its_unused_q_projection(tmp_path, shapes, mode):
+    # dw_bn projections and a class token: `CvT.forward` leaves the last block's q convolution out of the graph,
+    # which DDP must be told about (it would otherwise wait forever for their gradients) and FSDP must tolerate
+    kwargs = {**SETTINGS["model_kwargs"], "qkv_method": "dw_bn"}
+    overrides = ["--set", f"model_kwargs={kwargs!r}", "--set", "epochs=1"]
+    ckpt = torchrun(tmp_path, shapes, *overrides, *(["--set", "fsdp=True"] if mode == "fsdp" else []))
+    assert ckpt["global_step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    q_conv = "stages.2.blocks.0.attn.conv_proj_q.conv.weight"
+    trained = "stages.2.blocks.0.attn.conv_proj_k.conv.weight"
+    torch.manual_seed(0)  # the run's seed: the model it started from
+    from cvt.registry import create_model  # noqa: PLC0415
+
+    start = create_model("cvt_13", num_classes=4, **kwargs).state_dict()
+    assert torch.equal(ckpt["model"][q_conv], start[q_conv])  # no gradient, no decay: untouched
+    assert not torch.equal(ckpt["model"][trained], start[trained])

@@ -28,7 +28,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] = (224, 224), in_ch
     model.eval()
     try:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(x)
+            if isinstance(model, CvT):  # the whole network, as the paper counts it (`forward` skips some rows)
+                model.forward_head(model.forward_features(x))
+            else:
+                model(x)
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2

@@ -143,12 +143,14 @@ class InferenceAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, N, C) -> (B, heads, N, head_dim)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Normalised tokens (B, N, C) -> attention context (B, N, C), before `proj`."""
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], prefix_only: bool = False) -> torch.Tensor:
+        """Normalised tokens (B, N, C) -> attention context (B, N, C) before `proj`; (B, prefix, C) with
+        `prefix_only`."""
+        p = self.num_prefix_tokens
         if self.proj_qkv is not None:
             q, k, v = self.proj_qkv(x).chunk(3, dim=-1)
+            q = q[:, :p] if prefix_only else q
         else:
-            p = self.num_prefix_tokens
             prefix, tokens = x[:, :p], x[:, p:]
             if p:
                 tokens = tokens.contiguous()  # one copy, so that every convolution gets a channels-last map
@@ -157,7 +159,10 @@ class InferenceAttention(nn.Module):
             def project(conv: ConvProjection) -> torch.Tensor:
                 return torch.cat((prefix, conv(fmap)), dim=1) if p else conv(fmap)
 
-            q = self.proj_q(x if self.conv_proj_q is None else project(self.conv_proj_q))
+            if prefix_only:  # class tokens skip the convolution
+                q = self.proj_q(prefix)
+            else:
+                q = self.proj_q(x if self.conv_proj_q is None else project(self.conv_proj_q))
             if self.proj_kv is not None:
                 k, v = self.proj_kv(project(self.conv_proj_k)).chunk(2, dim=-1)
             else:
@@ -199,9 +204,12 @@ class InferenceBlock(nn.Module):
         self.norm2, self.mlp = block.norm2, InferenceMlp(block.mlp)
         self.chunk_elements = chunk_elements
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], prefix_only: bool = False) -> torch.Tensor:
+        context = self.attn(self.norm1(x), hw, prefix_only)
+        if prefix_only:  # the class tokens' rows alone (see `CvT.forward_features`)
+            x = x[:, : self.attn.num_prefix_tokens]
         shape = x.shape
-        context = self.attn(self.norm1(x), hw).flatten(0, 1)  # (B * N, C)
+        context = context.flatten(0, 1)  # (B * N, C)
         proj, fc2 = self.attn.proj, self.mlp.fc2
         x = torch.add(x.flatten(0, 1), proj.bias).addmm_(context, proj.weight.t())  # x + proj(context), a new buffer
         rows = max(1, self.chunk_elements // self.mlp.fc1.out_features) if self.chunk_elements else x.shape[0]

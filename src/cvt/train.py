@@ -670,7 +670,10 @@ class _Run:
             model = _shard(net)
         elif env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+            # `CvT.forward` leaves the last block's q convolution out when the head reads a class token
+            last = net.stages[-1]
+            unused = last.cls_token is not None and last.blocks[-1].attn.conv_proj_q is not None
+            model = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
         if cfg.compile:
             model = torch.compile(model)
         self.model = model
@@ -680,7 +683,12 @@ class _Run:
         self.global_batch = cfg.batch_size * cfg.accum_steps * env.world_size
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.lr_per_256, self.global_batch)
         self.optimizer = create_optimizer(
-            net, name=cfg.optimizer, lr=self.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            net,
+            name=cfg.optimizer,
+            lr=self.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            fused=not self.fsdp and env.device.type in ("cpu", "cuda"),
         )
         self.scheduler = WarmupCosineSchedule(
             self.optimizer,
