@@ -1,6 +1,6 @@
 """Speed and peak memory of our CvT against transformers' CvT on the same weights, measured side by side.
 
-    .venv/bin/python benchmarks/bench_models.py                        # the README table (~30 min on 2 idle cores)
+    .venv/bin/python benchmarks/bench_models.py                        # the README table (~25 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_models.py --models cvt_13 --batch 1 --reps 3 --no-train --no-memory
     .venv/bin/python benchmarks/bench_models.py --extra official=my_pkg.cvt:build   # one more implementation
 
@@ -11,8 +11,10 @@ Method (so the figures can be judged):
   hits all of them alike. At batch 1 each turn is 5 calls whose first is not timed: the other models' turns leave
   the caches cold, which a model served alone never sees.
 - Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
-  `cvt.optimize_for_inference(model)` (`ours-opt-compiled`: with `compile=True`, under `--compile`); `hf` is
-  `transformers.CvtForImageClassification`. Ours is timed with its default QuickGELU (what the released weights
+  `cvt.optimize_for_inference(model)`, `ours-opt-compiled` the same with `compile=True` (torch.compile, default
+  inductor settings); `hf` is `transformers.CvtForImageClassification` and `hf-compiled` the same under
+  `torch.compile`, what a user of transformers can do (`--no-compile` leaves both compiled rows out; compiling
+  takes ~40 s a row on 2 cores). Ours is timed with its default QuickGELU (what the released weights
   need; transformers computes GELU, one kernel fewer per block), and before timing its logits with act="gelu"
   are checked against transformers' on the same weights.
 - Inference runs under `torch.inference_mode()`; a training step is forward + cross-entropy + backward +
@@ -122,13 +124,14 @@ def build(
         return ours.train(train).to(dtype)
     if impl in ("ours-opt", "ours-opt-compiled"):
         return cvt.optimize_for_inference(ours.eval(), dtype=dtype, compile=impl == "ours-opt-compiled")
-    if impl == "hf":
+    if impl in ("hf", "hf-compiled"):
         import transformers  # noqa: PLC0415 - only the benchmark needs it
 
         transformers.logging.set_verbosity_error()
         hf = transformers.CvtForImageClassification(transformers.CvtConfig(**config_to_hf(ours.cfg)))
         hf.load_state_dict(cvt_to_hf(ours.state_dict()), strict=True)
-        return hf.train(train).to(dtype)
+        hf = hf.train(train).to(dtype)
+        return torch.compile(hf) if impl == "hf-compiled" else hf
     module, _, factory = extras[impl].partition(":")
     return getattr(importlib.import_module(module), factory)(ours.cfg).train(train).to(dtype)
 
@@ -160,7 +163,7 @@ def make_step(model: nn.Module, task: str, x: torch.Tensor) -> Callable[[], None
 def implementations(row: Row, extras: dict[str, str], compiled: bool = False) -> list[str]:
     names = ["ours", "ours-opt", "hf"] if row.task == "infer" else ["ours", "hf"]
     if compiled and row.task == "infer":
-        names.insert(2, "ours-opt-compiled")
+        names = ["ours", "ours-opt", "ours-opt-compiled", "hf", "hf-compiled"]
     return names + list(extras)
 
 
@@ -277,7 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--compile", action="store_true", help="also time optimize_for_inference(compile=True)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile inference rows")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 kernels")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODULE:FACTORY")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -311,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if row.dtype == "bfloat16" and not bf16_ok:
             row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
         else:
-            time_row(row, extras, args.reps, args.compile)
+            time_row(row, extras, args.reps, not args.no_compile)
             if not args.no_memory:
                 memory_row(row, extras, args.threads)
         print("\n".join(table([row], peaks, macs).splitlines()[2:]), flush=True)
