@@ -2,7 +2,7 @@
 
     cvt demo                      # = make demo; or: cvt train --config configs/demo.py --data data/demo
 
-Result to expect: >= 90% top-1 on the 500 generated validation images (10 classes) in about ten minutes on two
+Result to expect: >= 90% top-1 on the 500 generated validation images (10 classes); measured 93.0% in 6.5 min on two
 idle CPU cores (measured figure in the README). The paper's 81.6% (CvT-13, ImageNet-1k) is not comparable.
 
 What differs from the paper's recipe, and why:
