@@ -32,13 +32,7 @@ GRIDS_224 = (56, 28, 14)  # token grids of the three stages at 224
 TINY = CvTConfig(dims=(16, 48, 96), depths=(1, 1, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these models are tiny: on a busy 2-core machine a second thread only waits for the first
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @functools.cache

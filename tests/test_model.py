@@ -33,6 +33,7 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     last = f"stages.2.blocks.{len(model.stages[2].blocks) - 1}.attn.conv_proj_q."
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert unused == [last + s for s in ("conv.weight", "bn.weight", "bn.bias")]
+    assert model.unused_in_forward() == unused  # what DDP is told
     assert [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.abs().sum() > 0] == []
     # ... and the whole network's forward, which computes every row, gives exactly zero to those three
     model.zero_grad(set_to_none=True)

@@ -15,13 +15,7 @@ from cvt.optimize import fold_batchnorm, optimize_for_inference
 CLS_CONFIGS = {"cls_last": (False, False, True), "no_cls": (False, False, False), "cls_all": (True, True, True)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these models are tiny: a second thread only adds synchronisation, which costs dearly on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def randomise_batchnorm(model):

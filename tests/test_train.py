@@ -15,13 +15,7 @@ from cvt.train import TrainConfig, apply_overrides, load_config, rng_state, set_
 TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on two shared cores make each op wait for the other thread: one is 10x faster here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +158,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
     assert last.read_bytes() == before
 
 
+def write_config(path, cfg: TrainConfig, command: str, result: str, extra: str = ""):
+    """A config file as configs/ holds them: docstring with the command and the result, then `get_config()`."""
+    path.write_text(
+        f'"""A tiny run.\n\n    {command}\n\nResult: {result}\n"""\n'
+        "from cvt.train import TrainConfig\n\n\n"
+        f"{extra}def get_config():\n    return TrainConfig(**{cfg.to_dict()!r})\n"
+    )
+    return path
+
+
 def test_cli_train_then_resume_without_config(shapes, tmp_path, capsys):
     from cvt.cli import main
 
-    config = tmp_path / "tiny.py"
-    config.write_text(
-        '"""Tiny.\n\n    cvt train --config tiny.py\n\nResult: none to speak of (0-100%).\n"""\n'
-        "from cvt.train import TrainConfig\n\n\n"
-        f"def get_config():\n    return TrainConfig(**{tiny_config('x', 'y', epochs=2).to_dict()!r})\n"
-    )
+    config = write_config(tmp_path / "tiny.py", tiny_config("x", "y", epochs=2), "cvt train --config tiny.py",
+                          "none to speak of (0-100%).")  # fmt: skip
     out = tmp_path / "run"
     args = ["train", "--config", str(config), "--data", str(shapes), "--output", str(out), "--set", "max_steps=3"]
     assert main(args) == 0
@@ -185,14 +185,10 @@ def test_cli_train_then_resume_without_config(shapes, tmp_path, capsys):
 def test_demo_command_end_to_end(tmp_path, capsys):
     from cvt.cli import main
 
-    config = tmp_path / "demo_tiny.py"
-    config.write_text(
-        '"""A tiny demo.\n\n    cvt demo --config demo_tiny.py\n\nResult: far below the 90% top-1 target.\n"""\n'
-        "from cvt.train import TrainConfig\n\n\n"
-        "def get_dataset():\n"
-        "    return {'num_classes': 3, 'train_per_class': 8, 'val_per_class': 2, 'image_size': 32}\n\n\n"
-        f"def get_config():\n    return TrainConfig(**{tiny_config('x', 'y', epochs=1, num_threads=1).to_dict()!r})\n"
-    )
+    sizes = {"num_classes": 3, "train_per_class": 8, "val_per_class": 2, "image_size": 32}
+    dataset = f"def get_dataset():\n    return {sizes!r}\n\n\n"
+    config = write_config(tmp_path / "demo_tiny.py", tiny_config("x", "y", epochs=1, num_threads=1),
+                          "cvt demo --config demo_tiny.py", "far below the 90% top-1 target.", dataset)  # fmt: skip
     out, data = tmp_path / "run", tmp_path / "data"
     code = main(["demo", "--config", str(config), "--data", str(data), "--output", str(out)])
     text = capsys.readouterr().out

@@ -8,7 +8,7 @@ rename: `stage{i}.` -> `stages.{i}.`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -124,6 +124,26 @@ class ConvProjection(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'W', C)
 
 
+def conv_projector(
+    x: torch.Tensor, hw: tuple[int, int], num_prefix_tokens: int
+) -> Callable[[nn.Module | None], torch.Tensor]:
+    """`project(conv)` for tokens x (B, prefix + HW, C): the class tokens followed by `conv` applied to the map of
+    the others (the others unchanged for None). The map is made once and shared by q, k and v."""
+    prefix, tokens = x[:, :num_prefix_tokens], x[:, num_prefix_tokens:]
+    if num_prefix_tokens:
+        tokens = tokens.contiguous()  # one copy here, not one inside each of the three convolutions
+    # (B, HW, C) -> (B, H, W, C) -> (B, C, H, W): a channels-last view. Built this way, not by transposing first,
+    # its strides say channels-last even for a batch of 1 (where transpose + unflatten leaves an odd batch stride,
+    # and the convolution then runs channels-first with two conversions: 8x slower)
+    fmap = tokens.unflatten(1, hw).permute(0, 3, 1, 2)
+
+    def project(conv: nn.Module | None) -> torch.Tensor:
+        out = tokens if conv is None else conv(fmap)
+        return torch.cat((prefix, out), dim=1) if num_prefix_tokens else out
+
+    return project
+
+
 class Attention(nn.Module):
     """Multi-head attention over convolutionally projected q, k, v.
 
@@ -169,22 +189,11 @@ class Attention(nn.Module):
         if self.conv_proj_k is None:  # "linear": position-wise projections only (crashes in the official code)
             q = k = v = x
         else:
-            prefix, tokens = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-            if self.num_prefix_tokens:
-                tokens = tokens.contiguous()  # one copy here, not one inside each of the three convolutions
-            # (B, HW, C) -> (B, H, W, C) -> (B, C, H, W): a channels-last view. Built this way, not by transposing
-            # first, its strides say channels-last even for a batch of 1 (where transpose + unflatten leaves an
-            # odd batch stride, and the convolution then runs channels-first with two conversions: 8x slower)
-            fmap = tokens.unflatten(1, hw).permute(0, 3, 1, 2)
-
-            def project(proj: ConvProjection | None) -> torch.Tensor:
-                out = tokens if proj is None else proj(fmap)
-                return torch.cat((prefix, out), dim=1) if self.num_prefix_tokens else out
-
+            project = conv_projector(x, hw, self.num_prefix_tokens)
             q = x if prefix_only else project(self.conv_proj_q)
             k, v = project(self.conv_proj_k), project(self.conv_proj_v)
         if prefix_only:
-            q = x[:, : self.num_prefix_tokens]
+            q = q[:, : self.num_prefix_tokens]  # class tokens skip the convolution: their rows of x in every method
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, N, C) -> (B, heads, N, head_dim)
@@ -360,6 +369,17 @@ class CvT(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=0.02)  # official: the head bias keeps its default init
 
+    def unused_in_forward(self) -> list[str]:
+        """Parameters `forward` never uses: with a class token in the last stage, the last block computes the class
+        token's query alone, which skips the convolution, so that block's q convolution and BatchNorm drop out
+        (distributed training must be told: DDP's `find_unused_parameters`)."""
+        last = self.stages[-1]
+        conv = last.blocks[-1].attn.conv_proj_q if last.cls_token is not None and len(last.blocks) else None
+        if conv is None:
+            return []
+        prefix = f"stages.{len(self.stages) - 1}.blocks.{len(last.blocks) - 1}.attn.conv_proj_q."
+        return [prefix + name for name, _ in conv.named_parameters()]
+
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that should not get weight decay (besides norms and biases)."""
         names = set()
@@ -463,4 +483,5 @@ __all__ = [
     "DropPath",
     "check_input_size",
     "conv_out_size",
+    "conv_projector",
 ]

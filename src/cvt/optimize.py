@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, Block, ConvEmbed, ConvProjection, CvT, LayerNorm, Mlp, QuickGELU
+from .model import Attention, Block, ConvEmbed, ConvProjection, CvT, LayerNorm, Mlp, QuickGELU, conv_projector
 
 QUICK_GELU_ALPHA = 1.702
 DEFAULT_CHUNK_ELEMENTS = 1 << 21  # hidden activations per MLP chunk: 8 MB in fp32, 4 MB in bf16
@@ -151,16 +151,9 @@ class InferenceAttention(nn.Module):
             q, k, v = self.proj_qkv(x).chunk(3, dim=-1)
             q = q[:, :p] if prefix_only else q
         else:
-            prefix, tokens = x[:, :p], x[:, p:]
-            if p:
-                tokens = tokens.contiguous()  # one copy, so that every convolution gets a channels-last map
-            fmap = tokens.unflatten(1, hw).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W), channels-last view
-
-            def project(conv: ConvProjection) -> torch.Tensor:
-                return torch.cat((prefix, conv(fmap)), dim=1) if p else conv(fmap)
-
+            project = conv_projector(x, hw, p)
             if prefix_only:  # class tokens skip the convolution
-                q = self.proj_q(prefix)
+                q = self.proj_q(x[:, :p])
             else:
                 q = self.proj_q(x if self.conv_proj_q is None else project(self.conv_proj_q))
             if self.proj_kv is not None:

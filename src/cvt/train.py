@@ -670,9 +670,7 @@ class _Run:
             model = _shard(net)
         elif env.distributed:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            # `CvT.forward` leaves the last block's q convolution out when the head reads a class token
-            last = net.stages[-1]
-            unused = last.cls_token is not None and last.blocks[-1].attn.conv_proj_q is not None
+            unused = bool(net.unused_in_forward())  # see `CvT.unused_in_forward`
             model = nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
         if cfg.compile:
             model = torch.compile(model)
