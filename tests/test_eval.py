@@ -14,7 +14,9 @@ from cvt import create_model
 from cvt.checkpoint import save_model
 from cvt.cli import main
 from cvt.config import DataConfig
-from cvt.data import make_dataset
+from cvt.data import create_eval_transform, load_image, make_dataset
+from cvt.optimize import InferenceBlock
+from cvt.predict import inference_model, predict_images
 
 BIAS = [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]
 LSE = 5 + math.log(sum(math.exp(-k) for k in range(6)))  # log-sum-exp of BIAS
@@ -80,3 +82,25 @@ def test_predict_by_hand(shapes, tmp_path, capsys):
         assert [p["probability"] for p in r["predictions"]] == pytest.approx([math.exp(b) / total for b in BIAS[:3]])
     assert main(["predict", "--model", str(model_dir), str(first), "--topk", "1"]) == 0
     assert capsys.readouterr().out.strip() == f"{first}: class0 {math.exp(5) / total:.3f}"
+
+
+def test_predict_runs_the_optimized_model_with_the_plain_models_numbers(shapes):
+    torch.manual_seed(0)
+    model = create_model("cvt_13", dims=(16, 32, 48), depths=(1, 1, 2), heads=(1, 2, 3), num_classes=6).eval()
+    for module in model.modules():  # BatchNorm statistics that folding must carry over
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.data_config = DataConfig(input_size=(32, 32), crop_mode="center", crop_pct=0.875)
+    images = sorted((shapes / "val").rglob("*.*"))
+    transform = create_eval_transform(model.data_config)
+    with torch.no_grad():
+        expected = model(torch.stack([transform(load_image(p)) for p in images])).softmax(-1)
+    assert any(isinstance(m, InferenceBlock) for m in inference_model(model).modules())
+    assert inference_model(model, optimize=False) is model
+    for optimize in (True, False):
+        results = predict_images(model, images, topk=6, batch_size=5, optimize=optimize)
+        for r, probs in zip(results, expected, strict=True):
+            got = torch.zeros(6).index_put_((torch.tensor([p["index"] for p in r["predictions"]]),),
+                                            torch.tensor([p["probability"] for p in r["predictions"]]))  # fmt: skip
+            torch.testing.assert_close(got, probs, rtol=1e-5, atol=1e-6)

@@ -29,6 +29,20 @@ def _class_names(model: nn.Module) -> list[str] | None:
     return [str(n) for n in names] if names else None
 
 
+def inference_model(model: nn.Module, device: str | torch.device = "cpu", optimize: bool = True) -> nn.Module:
+    """`model` on `device` in eval mode, as `cvt eval` and `cvt predict` run it.
+
+    A `CvT` is rewritten by `cvt.optimize_for_inference` unless `optimize` is False: the same outputs (float32,
+    1e-5 relative), about 1.2x faster at batch 32 on CPU, and less memory. Other modules are used as they are.
+    """
+    from .model import CvT  # noqa: PLC0415
+    from .optimize import InferenceBlock, optimize_for_inference  # noqa: PLC0415
+
+    model = model.to(device).eval()
+    done = any(isinstance(m, InferenceBlock) for m in model.modules())
+    return optimize_for_inference(model) if optimize and isinstance(model, CvT) and not done else model
+
+
 def open_eval_dataset(model: nn.Module, data: str | os.PathLike, *, split: str | None = None) -> Any:
     """The dataset at `data` with the model's evaluation transform and the model's class order.
 
@@ -78,8 +92,11 @@ def evaluate_model(
     batch_size: int = 64,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    optimize: bool = True,
 ) -> dict[str, Any]:
     """Loss, top-1/top-5, per-class accuracy and confusion matrix of `model` on the dataset at `data`.
+
+    `optimize`: run a `CvT` through `cvt.optimize_for_inference` (see `inference_model`); False runs it as it is.
 
     Returns:
         A JSON-serialisable dict: "count", "loss", "top1", "top5" (percent), "classes", "per_class"
@@ -87,7 +104,7 @@ def evaluate_model(
     """
     dataset = open_eval_dataset(model, data, split=split)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    model = model.to(device)
+    model = inference_model(model, device, optimize)
     res = evaluate(model, loader, num_classes=model.num_classes, device=device)
     confusion = res["confusion"]
     names = _class_names(model) or [str(c) for c in dataset.classes]
@@ -165,8 +182,11 @@ def predict_images(
     topk: int = 5,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    optimize: bool = True,
 ) -> list[dict[str, Any]]:
     """Top-k labels and softmax probabilities for each image file.
+
+    `optimize`: run a `CvT` through `cvt.optimize_for_inference` (see `inference_model`); False runs it as it is.
 
     Returns:
         One dict per image: {"path", "predictions": [{"label", "index", "probability"}, ...]}, best first.
@@ -175,7 +195,7 @@ def predict_images(
 
     transform = create_eval_transform(model.data_config)
     names = _class_names(model)
-    model = model.to(device).eval()
+    model = inference_model(model, device, optimize)
     k = min(topk, model.num_classes)
     paths = [Path(p) for p in images]
     out = []

@@ -21,6 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.set_defaults(func=run)
 
@@ -47,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"ema": True} if args.ema else {}
     model = resolve_model(args.model, **kwargs)
     res = evaluate_model(
-        model, args.data, split=args.split, batch_size=args.batch_size, num_workers=args.workers, device=args.device
+        model,
+        args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        optimize=not args.no_optimize,
     )
     res = {"model": str(args.model), "data": str(args.data), **res}
     out = Path(args.output)

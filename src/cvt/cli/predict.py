@@ -17,6 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
     p.set_defaults(func=run)
 
 
@@ -32,7 +33,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--topk must be at least 1")
     model = resolve_model(args.model)
     results = predict_images(
-        model, list_images(args.images), topk=args.topk, batch_size=args.batch_size, device=args.device
+        model,
+        list_images(args.images),
+        topk=args.topk,
+        batch_size=args.batch_size,
+        device=args.device,
+        optimize=not args.no_optimize,
     )
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0
