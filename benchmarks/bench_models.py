@@ -3,13 +3,16 @@
     .venv/bin/python benchmarks/bench_models.py                        # the README table (~25 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_models.py --models cvt_13 --batch 1 --reps 3 --no-train --no-memory
     .venv/bin/python benchmarks/bench_models.py --extra official=my_pkg.cvt:build   # one more implementation
+    .venv/bin/python benchmarks/bench_models.py --device cuda        # the same rows on a GPU
 
 Method (so the figures can be judged):
-- One process, `torch.set_num_threads(2)` (`--threads`). Each row builds every implementation on the same weights
-  (ours, converted to transformers' layout with `cvt.checkpoint.cvt_to_hf`), warms each up, then runs them in
-  alternation, `--reps` turns each, and reports the median call: a load change on a shared machine
-  hits all of them alike. At batch 1 each turn is 5 calls whose first is not timed: the other models' turns leave
-  the caches cold, which a model served alone never sees.
+- Each row runs in a fresh Python process, `torch.set_num_threads(2)` (`--threads`), so that nothing of one row
+  (allocator, thread pools, torch.compile) carries into the next: when all rows shared one process, CvT-21's
+  batch-32 ratio read 1.03x after the CvT-13 and compiled rows, and 1.77x for the same row alone. The row builds every
+  implementation on the same weights (ours, converted to transformers' layout with `cvt.checkpoint.cvt_to_hf`),
+  warms each up, then runs them in alternation, `--reps` turns each, and reports the median call: a load change
+  on a shared machine hits all of them alike. At batch 1 each turn is 5 calls whose first is not timed: the other
+  models' turns leave the caches cold, which a model served alone never sees.
 - Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
   `cvt.optimize_for_inference(model)`, `ours-opt-compiled` the same with `compile=True` (torch.compile, default
   inductor settings); `hf` is `transformers.CvtForImageClassification` and `hf-compiled` the same under
@@ -31,6 +34,9 @@ Method (so the figures can be judged):
   is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts them; x3 for a training step) over it.
 - `--extra label=module:factory`: `factory(cfg: cvt.CvTConfig) -> nn.Module` mapping images to logits (or to an
   object with `.logits`); compared for speed only, on its own weights.
+- `--device cuda`: models, inputs and the matmul peak on the GPU, every timed call closed by
+  `torch.cuda.synchronize()`, bf16 always measured, and memory as the peak of `torch.cuda.max_memory_allocated`
+  over the two steps in the fresh subprocess ("(step)": its rise over the allocation before them).
 """
 
 from __future__ import annotations
@@ -75,7 +81,9 @@ class Row:
     note: str = ""
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if device != "cpu":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     name = platform.processor() or "unknown CPU"
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -95,18 +103,28 @@ def _onednn_isa() -> str:
     return "unknown"
 
 
-def native_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def native_bf16(device: str = "cpu") -> bool:
+    return device != "cpu" or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so a timer reads the work's end."""
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
+    if device != "cpu":
+        n, reps = max(n, 8192), 4 * reps  # a GPU needs a larger product to reach its peak
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
     torch.mm(a, b, out=out)
     times = []
     for _ in range(reps):
+        sync(device)
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -115,25 +133,31 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
 
 
 def build(
-    impl: str, name: str, dtype: torch.dtype, extras: dict[str, str], train: bool, act: str = "quick_gelu"
+    impl: str,
+    name: str,
+    dtype: torch.dtype,
+    extras: dict[str, str],
+    train: bool,
+    act: str = "quick_gelu",
+    device: str = "cpu",
 ) -> nn.Module:
-    """One implementation of `name` with the shared weights (seeded), in train or eval mode."""
+    """One implementation of `name` with the shared weights (seeded), in train or eval mode, on `device`."""
     torch.manual_seed(0)
     ours = cvt.create_model(name, act=act)
     if impl == "ours":
-        return ours.train(train).to(dtype)
+        return ours.train(train).to(device, dtype)
     if impl in ("ours-opt", "ours-opt-compiled"):
-        return cvt.optimize_for_inference(ours.eval(), dtype=dtype, compile=impl == "ours-opt-compiled")
+        return cvt.optimize_for_inference(ours.to(device).eval(), dtype=dtype, compile=impl == "ours-opt-compiled")
     if impl in ("hf", "hf-compiled"):
         import transformers  # noqa: PLC0415 - only the benchmark needs it
 
         transformers.logging.set_verbosity_error()
         hf = transformers.CvtForImageClassification(transformers.CvtConfig(**config_to_hf(ours.cfg)))
         hf.load_state_dict(cvt_to_hf(ours.state_dict()), strict=True)
-        hf = hf.train(train).to(dtype)
+        hf = hf.train(train).to(device, dtype)
         return torch.compile(hf) if impl == "hf-compiled" else hf
     module, _, factory = extras[impl].partition(":")
-    return getattr(importlib.import_module(module), factory)(ours.cfg).train(train).to(dtype)
+    return getattr(importlib.import_module(module), factory)(ours.cfg).train(train).to(device, dtype)
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +173,7 @@ def make_step(model: nn.Module, task: str, x: torch.Tensor) -> Callable[[], None
                 logits(model, x)
 
         return infer
-    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the same fast update for all
 
     def train_step() -> None:
@@ -170,26 +194,48 @@ def implementations(row: Row, extras: dict[str, str], compiled: bool = False) ->
 # ---- measurements ----
 
 
-def check_logits(name: str) -> str:
+def check_logits(name: str, device: str = "cpu") -> str:
     """Max |ours - transformers| / max |transformers| on 4 images, for the plain and the optimized model."""
-    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
     with torch.inference_mode():
-        ref = logits(build("hf", name, torch.float32, {}, False), x)
+        ref = logits(build("hf", name, torch.float32, {}, False, device=device), x)
         diffs = [
             (
-                (logits(build(impl, name, torch.float32, {}, False, "gelu"), x) - ref).abs().max() / ref.abs().max()
+                (logits(build(impl, name, torch.float32, {}, False, "gelu", device), x) - ref).abs().max()
+                / ref.abs().max()
             ).item()
             for impl in ("ours", "ours-opt")
         ]
     return f"{name} logits vs transformers (act=gelu): ours {diffs[0]:.1e}, ours-opt {diffs[1]:.1e} (max rel.)"
 
 
-def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool) -> None:
+def in_child(kind: str, spec: dict[str, Any]) -> Any:
+    """Run `kind` ("time" or "memory") of `spec` in a fresh Python process and return what it prints (JSON)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps({"kind": kind, **spec})], capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{kind} measurement of {spec['row']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child(spec: dict[str, Any]) -> None:
+    """The `--child` entry point: one row's timing, or one implementation's memory, printed as JSON."""
+    torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "memory":
+        memory_child(spec)
+        return
+    row = Row(**spec["row"])
+    time_row(row, spec["extras"], spec["reps"], spec["compiled"], spec["device"])
+    print(json.dumps(row.results))
+
+
+def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool, device: str = "cpu") -> None:
     dtype = getattr(torch, row.dtype)
-    x = torch.randn(row.batch, 3, row.size, row.size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(row.batch, 3, row.size, row.size, generator=torch.Generator().manual_seed(0)).to(device)
     steps = {}
     for impl in implementations(row, extras, compiled):
-        model = build(impl, row.model, dtype, extras, row.task == "train")
+        model = build(impl, row.model, dtype, extras, row.task == "train", device=device)
         steps[impl] = make_step(model, row.task, x if impl.startswith("ours-opt") else x.to(dtype))
         for _ in range(2 if row.batch == 1 else 1):
             steps[impl]()
@@ -200,20 +246,19 @@ def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool) -> Non
     for _ in range(reps):
         for impl, step in steps.items():
             for call in range(block):
+                sync(device)
                 start = time.perf_counter()
                 step()
+                sync(device)
                 if call or block == 1:
                     times[impl].append(time.perf_counter() - start)
     row.results = {impl: row.batch / statistics.median(t) for impl, t in times.items()}
 
 
-def memory_row(row: Row, extras: dict[str, str], threads: int) -> None:
+def memory_row(row: Row, extras: dict[str, str], threads: int, device: str = "cpu") -> None:
     for impl in implementations(row, extras):
-        spec = json.dumps({"row": dataclasses.asdict(row), "impl": impl, "extras": extras, "threads": threads})
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"memory measurement of {impl} failed:\n{proc.stderr[-2000:]}")
-        peak, step = json.loads(proc.stdout.strip().splitlines()[-1])
+        spec = {"row": dataclasses.asdict(row), "impl": impl, "extras": extras, "threads": threads, "device": device}
+        peak, step = in_child("memory", spec)
         row.memory[impl] = (peak, step)
 
 
@@ -224,13 +269,21 @@ def _status_mib(field: str) -> float:
 
 
 def memory_child(spec: dict[str, Any]) -> None:
-    """Runs in a fresh process: prints [peak RSS over two steps, that peak - RSS before them] in MiB."""
-    torch.set_num_threads(spec["threads"])
-    row = Row(**spec["row"])
+    """Runs in a fresh process: prints [peak RSS over two steps, that peak - RSS before them] in MiB (on a GPU:
+    the peak of allocated device memory and its rise over the allocation before the steps)."""
+    row, device = Row(**spec["row"]), spec.get("device", "cpu")
     dtype = getattr(torch, row.dtype)
-    model = build(spec["impl"], row.model, dtype, spec["extras"], row.task == "train")
-    x = torch.randn(row.batch, 3, row.size, row.size)
+    model = build(spec["impl"], row.model, dtype, spec["extras"], row.task == "train", device=device)
+    x = torch.randn(row.batch, 3, row.size, row.size).to(device)
     step = make_step(model, row.task, x if spec["impl"].startswith("ours-opt") else x.to(dtype))
+    if device != "cpu":
+        before = torch.cuda.memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        step()
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        print(json.dumps([peak, peak - before]))
+        return
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what building the model freed, so "before" is honest
     before = _status_mib("VmRSS")
@@ -245,9 +298,9 @@ def memory_child(spec: dict[str, Any]) -> None:
 # ---- report ----
 
 
-def table(rows: list[Row], peaks: dict[str, float], macs: dict[tuple[str, int], int]) -> str:
+def table(rows: list[Row], peaks: dict[str, float], macs: dict[tuple[str, int], int], memory: str = "RSS") -> str:
     lines = [
-        "| model | task | dtype | batch | input | implementation | img/s | vs hf | % matmul peak | peak RSS MiB "
+        f"| model | task | dtype | batch | input | implementation | img/s | vs hf | % matmul peak | peak {memory} MiB "
         "(step) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -277,6 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -284,28 +338,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 kernels")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODULE:FACTORY")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.memory_child:
-        memory_child(json.loads(args.memory_child))
+    if args.child:
+        child(json.loads(args.child))
         return 0
     torch.set_num_threads(args.threads)
+    device = args.device
+    if device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
     extras = dict(spec.split("=", 1) for spec in args.extra)
-    bf16_ok = native_bf16() or args.force_bf16
-    print(f"machine: {machine()}", flush=True)
-    peaks = {"float32": matmul_gflops(torch.float32), "bfloat16": 0.0}
+    bf16_ok = native_bf16(device) or args.force_bf16
+    print(f"machine: {machine(device)}", flush=True)
+    peaks = {"float32": matmul_gflops(torch.float32, device=device), "bfloat16": 0.0}
     # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
-    peaks["bfloat16"] = matmul_gflops(torch.bfloat16, n=2048 if bf16_ok else 256, reps=5 if bf16_ok else 1)
+    peaks["bfloat16"] = matmul_gflops(
+        torch.bfloat16, n=2048 if bf16_ok else 256, reps=5 if bf16_ok else 1, device=device
+    )
     print(f"matmul peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
 
     rows = []
     for name in args.models:
         if not args.no_infer:
-            print(check_logits(name), flush=True)
+            print(check_logits(name, device), flush=True)
             rows += [Row(name, "infer", dt, b, 224) for dt in args.dtypes for b in args.batch]
         if not args.no_train:
             rows += [Row(name, "train", "float32", b, s) for b, s in TRAIN_ROWS]
@@ -314,15 +373,18 @@ def main(argv: list[str] | None = None) -> int:
         if row.dtype == "bfloat16" and not bf16_ok:
             row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
         else:
-            time_row(row, extras, args.reps, not args.no_compile)
+            spec = {"row": dataclasses.asdict(row), "extras": extras, "threads": args.threads, "device": device}
+            row.results = in_child("time", {**spec, "reps": args.reps, "compiled": not args.no_compile})
             if not args.no_memory:
-                memory_row(row, extras, args.threads)
+                memory_row(row, extras, args.threads, device)
         print("\n".join(table([row], peaks, macs).splitlines()[2:]), flush=True)
     print()
-    print(table(rows, peaks, macs))
+    memory = "RSS" if device == "cpu" else "GPU"
+    print(table(rows, peaks, macs, memory))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "matmul_gflops": peaks, "rows": [dataclasses.asdict(r) for r in rows]}, f)
+            result = {"machine": machine(device), "matmul_gflops": peaks, "rows": [dataclasses.asdict(r) for r in rows]}
+            json.dump(result, f)
     return 0
 
 
