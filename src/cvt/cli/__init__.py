@@ -7,6 +7,11 @@ import importlib
 import logging
 import sys
 
+from cvt.allocator import keep_freed_memory
+
+# the commands that own a compute-heavy process keep freed memory for reuse (see cvt.allocator)
+HEAVY_COMMANDS = ("train", "eval", "predict", "demo")
+
 # Each module defines `add_parser(subparsers)`, which registers its sub-command(s) with `func=run`.
 COMMAND_MODULES = (
     "cvt.cli.info",
@@ -35,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if args.command in HEAVY_COMMANDS:
+        keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
