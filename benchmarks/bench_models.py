@@ -33,6 +33,9 @@ Method (so the figures can be judged):
 - Matmul peak: the fastest of 20 2048x2048 fp32 (and bf16) matmuls into a reused output buffer, measured in the
   same run (a median read low when the shared machine was busy at that moment, and rows then passed 100%); "% peak"
   is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts them; x3 for a training step) over it.
+- `--keep-freed-memory`: every process first calls `cvt.allocator.keep_freed_memory()`, as the `cvt` commands do,
+  so that no implementation pays for glibc handing freed buffers back to the OS (by default transformers' batch-32
+  forward page-faults 560,000 times, ours-opt's none): the ratios then compare computation alone.
 - `--extra label=module:factory`: `factory(cfg: cvt.CvTConfig) -> nn.Module` mapping images to logits (or to an
   object with `.logits`); compared for speed only, on its own weights.
 - `--device cuda`: models, inputs and the matmul peak on the GPU, every timed call closed by
@@ -62,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cvt
+from cvt.allocator import keep_freed_memory
 from cvt.checkpoint import config_to_hf, cvt_to_hf
 from cvt.flops import model_cost
 
@@ -224,6 +228,8 @@ def in_child(kind: str, spec: dict[str, Any]) -> Any:
 def child(spec: dict[str, Any]) -> None:
     """The `--child` entry point: one row's timing, or one implementation's memory, printed as JSON."""
     torch.set_num_threads(spec["threads"])
+    if spec["keep_freed_memory"] and not keep_freed_memory():
+        raise RuntimeError("--keep-freed-memory: glibc's mallopt is not available here")
     if spec["kind"] == "memory":
         memory_child(spec)
         return
@@ -257,10 +263,10 @@ def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool, device
     row.results = {impl: row.batch / statistics.median(t) for impl, t in times.items()}
 
 
-def memory_row(row: Row, extras: dict[str, str], threads: int, device: str = "cpu") -> None:
-    for impl in implementations(row, extras):
-        spec = {"row": dataclasses.asdict(row), "impl": impl, "extras": extras, "threads": threads, "device": device}
-        peak, step = in_child("memory", spec)
+def memory_row(row: Row, spec: dict[str, Any]) -> None:
+    """Peak memory of each implementation of `row`, each in its own fresh process (`spec`: the shared settings)."""
+    for impl in implementations(row, spec["extras"]):
+        peak, step = in_child("memory", {**spec, "row": dataclasses.asdict(row), "impl": impl})
         row.memory[impl] = (peak, step)
 
 
@@ -333,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="cvt.allocator.keep_freed_memory() for all")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -375,10 +382,16 @@ def main(argv: list[str] | None = None) -> int:
         if row.dtype == "bfloat16" and not bf16_ok:
             row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
         else:
-            spec = {"row": dataclasses.asdict(row), "extras": extras, "threads": args.threads, "device": device}
-            row.results = in_child("time", {**spec, "reps": args.reps, "compiled": not args.no_compile})
+            spec = {
+                "extras": extras,
+                "threads": args.threads,
+                "device": device,
+                "keep_freed_memory": args.keep_freed_memory,
+            }
+            timing = {"row": dataclasses.asdict(row), "reps": args.reps, "compiled": not args.no_compile}
+            row.results = in_child("time", {**spec, **timing})
             if not args.no_memory:
-                memory_row(row, extras, args.threads, device)
+                memory_row(row, spec)
         print("\n".join(table([row], peaks, macs).splitlines()[2:]), flush=True)
     print()
     memory = "RSS" if device == "cpu" else "GPU"
