@@ -279,7 +279,7 @@ def _status_mib(field: str) -> float:
 def memory_child(spec: dict[str, Any]) -> None:
     """Runs in a fresh process: prints [peak RSS over two steps, that peak - RSS before them] in MiB (on a GPU:
     the peak of allocated device memory and its rise over the allocation before the steps)."""
-    row, device = Row(**spec["row"]), spec.get("device", "cpu")
+    row, device = Row(**spec["row"]), spec["device"]
     dtype = getattr(torch, row.dtype)
     model = build(spec["impl"], row.model, dtype, spec["extras"], row.task == "train", device=device)
     x = torch.randn(row.batch, 3, row.size, row.size).to(device)
@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device")
     extras = dict(spec.split("=", 1) for spec in args.extra)
     bf16_ok = native_bf16(device) or args.force_bf16
-    print(f"machine: {machine(device)}", flush=True)
+    host = machine(device)
+    print(f"machine: {host}", flush=True)
     peaks = {"float32": matmul_gflops(torch.float32, device=device), "bfloat16": 0.0}
     # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
     peaks["bfloat16"] = matmul_gflops(
@@ -378,16 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_train:
             rows += [Row(name, "train", "float32", b, s) for b, s in TRAIN_ROWS]
     macs = {(r.model, r.size): model_cost(cvt.model_config(r.model), (r.size, r.size))[1] for r in rows}
+    spec = {"extras": extras, "threads": args.threads, "device": device, "keep_freed_memory": args.keep_freed_memory}
     for row in rows:
         if row.dtype == "bfloat16" and not bf16_ok:
             row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
         else:
-            spec = {
-                "extras": extras,
-                "threads": args.threads,
-                "device": device,
-                "keep_freed_memory": args.keep_freed_memory,
-            }
             timing = {"row": dataclasses.asdict(row), "reps": args.reps, "compiled": not args.no_compile}
             row.results = in_child("time", {**spec, **timing})
             if not args.no_memory:
@@ -398,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, peaks, macs, memory))
     if args.json:
         with open(args.json, "w") as f:
-            result = {"machine": machine(device), "matmul_gflops": peaks, "rows": [dataclasses.asdict(r) for r in rows]}
+            result = {"machine": host, "matmul_gflops": peaks, "rows": [dataclasses.asdict(r) for r in rows]}
             json.dump(result, f)
     return 0
 

@@ -457,9 +457,9 @@ class CvT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the head reads the class token only, so the last block skips the other rows: the same logits for
-        # ~8% less work in CvT-13 (training too; those rows' q convolution then gets no gradient at all)
-        class_token = self.stages[-1].cls_token is not None
-        return self.forward_head(self.forward_features(x, class_token_only=class_token))
+        # ~8% less work in CvT-13 (training too; those rows' q convolution then gets no gradient at all); a model
+        # without a class token computes every row (see `Stage.forward`)
+        return self.forward_head(self.forward_features(x, class_token_only=True))
 
 
 def check_input_size(cfg: CvTConfig, input_size: tuple[int, int]) -> None:
