@@ -1,4 +1,5 @@
-"""`keep_freed_memory`: a freed 64 MB tensor's pages are reused, not faulted in again (counted by the kernel)."""
+"""`keep_freed_memory`: a freed 64 MB tensor's pages are reused, not faulted in again (counted by the kernel, against
+the 16,384 pages a fresh mapping of 64 MB needs)."""
 
 import os
 import subprocess
@@ -10,13 +11,14 @@ CHILD = """
 import resource, sys, torch
 from cvt.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-for _ in range(2):  # the second round either reuses the first one's memory or maps it in again
+faults = []
+for _ in range(5):  # each round either reuses freed memory or maps it in again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(16 << 20)  # 64 MB of float32: 16,384 pages of 4 KB, above glibc's largest mmap threshold
     t.fill_(1.0)
     del t
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(applied, faults)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, *faults)
 """
 PAGES = (64 << 20) // 4096
 
@@ -27,12 +29,16 @@ def run_child(mode, **env):
     }
     out = subprocess.run([sys.executable, "-c", CHILD, mode], env={**clean, **env}, capture_output=True, text=True,
                          check=True).stdout.split()  # fmt: skip
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", [int(f) for f in out[1:]]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and page-fault counts are Linux's")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    assert run_child("default") == (False, pytest.approx(PAGES, rel=0.1))  # every page faulted in again
+    applied, faults = run_child("default")
+    assert not applied and faults[-2:] == [pytest.approx(PAGES, rel=0.1)] * 2  # every round faulted in again
+    # kept: the heap grows to hold the block, at most once more in round 2 or 3 (when a small allocation has taken
+    # part of the freed space), and from then on every round reuses it
     applied, faults = run_child("keep")
-    assert applied and faults < PAGES // 100
-    assert run_child("keep", CVT_KEEP_FREED_MEMORY="0") == (False, pytest.approx(PAGES, rel=0.1))
+    assert applied and sum(faults) <= 2.1 * PAGES and sum(faults[-2:]) < PAGES // 100
+    applied, faults = run_child("keep", CVT_KEEP_FREED_MEMORY="0")
+    assert not applied and faults[-2:] == [pytest.approx(PAGES, rel=0.1)] * 2
