@@ -33,9 +33,13 @@ Method (so the figures can be judged):
 - Matmul peak: the fastest of 20 2048x2048 fp32 (and bf16) matmuls into a reused output buffer, measured in the
   same run (a median read low when the shared machine was busy at that moment, and rows then passed 100%); "% peak"
   is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts them; x3 for a training step) over it.
-- `--keep-freed-memory`: every process first calls `cvt.allocator.keep_freed_memory()`, as the `cvt` commands do,
-  so that no implementation pays for glibc handing freed buffers back to the OS (by default transformers' batch-32
-  forward page-faults 560,000 times, ours-opt's none): the ratios then compare computation alone.
+- Allocator: by default every process first calls `cvt.allocator.keep_freed_memory()`, as the `cvt` commands do,
+  so that glibc reuses freed buffers instead of unmapping them: no implementation pays page faults and the ratios
+  compare computation. `--allocator glibc` leaves glibc's defaults, what a script that does not call it gets: then
+  transformers' batch-32 forward page-faults ~560,000 times and ours-opt's not once, but glibc's adaptive
+  thresholds also depend on every allocation the process made before, so within a row each implementation's
+  figure depends on the others run beside it (transformers at batch 1 read 7.5 img/s beside ours alone and 8.6
+  beside the compiled models too).
 - `--extra label=module:factory`: `factory(cfg: cvt.CvTConfig) -> nn.Module` mapping images to logits (or to an
   object with `.logits`); compared for speed only, on its own weights.
 - `--device cuda`: models, inputs and the matmul peak on the GPU, every timed call closed by
@@ -228,8 +232,8 @@ def in_child(kind: str, spec: dict[str, Any]) -> Any:
 def child(spec: dict[str, Any]) -> None:
     """The `--child` entry point: one row's timing, or one implementation's memory, printed as JSON."""
     torch.set_num_threads(spec["threads"])
-    if spec["keep_freed_memory"] and not keep_freed_memory():
-        raise RuntimeError("--keep-freed-memory: glibc's mallopt is not available here")
+    if spec["allocator"] == "kept" and not keep_freed_memory():
+        raise RuntimeError("--allocator kept: glibc's mallopt is not available here (use --allocator glibc)")
     if spec["kind"] == "memory":
         memory_child(spec)
         return
@@ -339,7 +343,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--keep-freed-memory", action="store_true", help="cvt.allocator.keep_freed_memory() for all")
+    parser.add_argument(
+        "--allocator",
+        choices=["kept", "glibc"],
+        default="kept",
+        help="kept: cvt.allocator.keep_freed_memory() in every process (default); glibc: glibc's defaults",
+    )
     parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     extras = dict(spec.split("=", 1) for spec in args.extra)
     bf16_ok = native_bf16(device) or args.force_bf16
     host = machine(device)
-    print(f"machine: {host}", flush=True)
+    print(f"machine: {host}; allocator: {args.allocator}", flush=True)
     peaks = {"float32": matmul_gflops(torch.float32, device=device), "bfloat16": 0.0}
     # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
     peaks["bfloat16"] = matmul_gflops(
@@ -379,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_train:
             rows += [Row(name, "train", "float32", b, s) for b, s in TRAIN_ROWS]
     macs = {(r.model, r.size): model_cost(cvt.model_config(r.model), (r.size, r.size))[1] for r in rows}
-    spec = {"extras": extras, "threads": args.threads, "device": device, "keep_freed_memory": args.keep_freed_memory}
+    spec = {"extras": extras, "threads": args.threads, "device": device, "allocator": args.allocator}
     for row in rows:
         if row.dtype == "bfloat16" and not bf16_ok:
             row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
