@@ -11,6 +11,8 @@
   rate measured for each shape: no implementation of the model can spend less on its linear layers.
 - Attention: each stage's `scaled_dot_product_attention` (the fused flash kernel) against the explicit product,
   softmax, product, at inference and with its backward pass (what a training step runs).
+- Blocks: the first block of each stage, ours against transformers' layer holding the same weights, in train mode,
+  forward alone and with its backward pass: how each implementation's block compares with its kernels above.
 
 Every call is timed in alternation with the others of its row, warm, with freed memory kept
 (`cvt.allocator.keep_freed_memory`) so that no variant pays page faults; medians.
@@ -178,6 +180,42 @@ def bench_attention(stages: list[dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def time_block(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[float, float]:
+    """Seconds for one block's forward, and for its forward and backward, on tokens `x`."""
+    leaf, grad = x.detach().requires_grad_(), torch.randn_like(x)
+
+    def forward() -> object:
+        with torch.no_grad():
+            return block(x)
+
+    def training() -> None:
+        leaf.grad = None
+        block(leaf).backward(grad)
+
+    seconds = median_seconds({"forward": forward, "training": training})
+    return seconds["forward"], seconds["training"]
+
+
+def bench_blocks(name: str, stages: list[dict[str, int]], size: int) -> str:
+    """The first block of each stage, ours against transformers' layer on the same weights, in train mode."""
+    from bench_models import build  # noqa: PLC0415 - this directory is on sys.path as a script
+
+    ours, hf = build("ours", name, torch.float32, {}, True), build("hf", name, torch.float32, {}, True)
+    lines = [
+        "| stage | tokens x width | ours, forward | transformers, forward | ours, fwd+bwd | transformers, fwd+bwd |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, st in enumerate(stages):
+        side = round((st["tokens"] - st["cls"]) ** 0.5)  # square inputs: the token grid is side x side
+        ours_block, hf_layer = ours.stages[i].blocks[0], hf.cvt.encoder.stages[i].layers[0]
+        x = torch.randn(st["batch"], st["tokens"], st["dim"])
+        times = time_block(lambda t, b=ours_block, s=side: b(t, (s, s)), x)
+        times += time_block(lambda t, layer=hf_layer, s=side: layer(t, s, s), x)
+        cells = " | ".join(f"{s * 1e3:.1f} ms" for s in (times[0], times[2], times[1], times[3]))
+        lines.append(f"| {i + 1} | {st['tokens']} x {st['dim']} | {cells} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cvt_13")
@@ -198,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(bench_linear(stages, peak), end="\n\n", flush=True)
         print(f"### {args.model}, batch {batch}: attention per block\n")
         print(bench_attention(stages), end="\n\n", flush=True)
+        print(f"### {args.model}, batch {batch}: one block, train mode (BatchNorm batch statistics, drop path)\n")
+        print(bench_blocks(args.model, stages, args.size), end="\n\n", flush=True)
     return 0
 
 
