@@ -24,13 +24,16 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from bench_models import build, machine, matmul_gflops  # this directory is on sys.path when run as a script
+from torch import nn
 
 import cvt
 from cvt.allocator import keep_freed_memory
-from cvt.model import conv_out_size
+from cvt.model import conv_out_size, stage_grid
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], min_seconds: float = 0.3) -> dict[str, float]:
@@ -47,13 +50,11 @@ def median_seconds(fns: dict[str, Callable[[], object]], min_seconds: float = 0.
 
 
 def stage_shapes(name: str, batch: int, size: int) -> list[dict[str, int]]:
-    """Per stage: depth, width, heads, query rows and key/value rows (class token included) for `batch` images."""
+    """Per stage: depth, width, heads, token grid, query rows and key/value rows (class token included)."""
     cfg = cvt.model_config(name)
-    h = w = size
     stages = []
     for i in range(cfg.num_stages):
-        k, s, p = cfg.embed_kernel[i], cfg.embed_stride[i], cfg.embed_padding[i]
-        h, w = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
+        h, w = stage_grid(cfg, i, (size, size))
         kq, skv = cfg.qkv_kernel[i], cfg.stride_kv[i]
         hkv, wkv = conv_out_size(h, kq, skv, kq // 2), conv_out_size(w, kq, skv, kq // 2)
         cls = int(cfg.cls_token[i])
@@ -63,6 +64,7 @@ def stage_shapes(name: str, batch: int, size: int) -> list[dict[str, int]]:
                 "dim": cfg.dims[i],
                 "hidden": int(cfg.dims[i] * cfg.mlp_ratio[i]),
                 "heads": cfg.heads[i],
+                "grid": (h, w),
                 "tokens": h * w + cls,
                 "kv_tokens": hkv * wkv + cls,
                 "batch": batch,
@@ -196,21 +198,16 @@ def time_block(block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     return seconds["forward"], seconds["training"]
 
 
-def bench_blocks(name: str, stages: list[dict[str, int]], size: int) -> str:
-    """The first block of each stage, ours against transformers' layer on the same weights, in train mode."""
-    from bench_models import build  # noqa: PLC0415 - this directory is on sys.path as a script
-
-    ours, hf = build("ours", name, torch.float32, {}, True), build("hf", name, torch.float32, {}, True)
+def bench_blocks(ours: nn.Module, hf: nn.Module, stages: list[dict[str, int]]) -> str:
+    """The first block of each stage, ours against transformers' layer on the same weights (both in train mode)."""
     lines = [
         "| stage | tokens x width | ours, forward | transformers, forward | ours, fwd+bwd | transformers, fwd+bwd |",
         "|---|---|---|---|---|---|",
     ]
     for i, st in enumerate(stages):
-        side = round((st["tokens"] - st["cls"]) ** 0.5)  # square inputs: the token grid is side x side
-        ours_block, hf_layer = ours.stages[i].blocks[0], hf.cvt.encoder.stages[i].layers[0]
+        (h, w), ours_block, hf_layer = st["grid"], ours.stages[i].blocks[0], hf.cvt.encoder.stages[i].layers[0]
         x = torch.randn(st["batch"], st["tokens"], st["dim"])
-        times = time_block(lambda t, b=ours_block, s=side: b(t, (s, s)), x)
-        times += time_block(lambda t, layer=hf_layer, s=side: layer(t, s, s), x)
+        times = time_block(partial(ours_block, hw=(h, w)), x) + time_block(partial(hf_layer, height=h, width=w), x)
         cells = " | ".join(f"{s * 1e3:.1f} ms" for s in (times[0], times[2], times[1], times[3]))
         lines.append(f"| {i + 1} | {st['tokens']} x {st['dim']} | {cells} |")
     return "\n".join(lines)
@@ -226,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not keep_freed_memory():
         raise SystemExit("bench_kernels needs glibc's mallopt (cvt.allocator.keep_freed_memory)")
-    from bench_models import machine, matmul_gflops  # noqa: PLC0415 - this directory is on sys.path as a script
-
     print(f"machine: {machine()}\n")
     peak = matmul_gflops(torch.float32)
+    ours = build("ours", args.model, torch.float32, {}, train=True)
+    hf = build("hf", args.model, torch.float32, {}, train=True)
     for batch in args.batch:
         stages = stage_shapes(args.model, batch, args.size)
         print(f"### {args.model}, batch {batch}, {args.size}x{args.size}, float32: linear layers\n")
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"### {args.model}, batch {batch}: attention per block\n")
         print(bench_attention(stages), end="\n\n", flush=True)
         print(f"### {args.model}, batch {batch}: one block, train mode (BatchNorm batch statistics, drop path)\n")
-        print(bench_blocks(args.model, stages, args.size), end="\n\n", flush=True)
+        print(bench_blocks(ours, hf, stages), end="\n\n", flush=True)
     return 0
 
 

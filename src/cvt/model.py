@@ -272,7 +272,7 @@ class Stage(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token[stage] else None
         self.pos_embed = None
         if cfg.pos_embed[stage]:
-            self.pos_grid = _stage_grid(cfg, stage, cfg.pos_embed_size)
+            self.pos_grid = stage_grid(cfg, stage, cfg.pos_embed_size)
             self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(Block(cfg, stage, rate) for rate in drop_path)
@@ -314,7 +314,7 @@ class Stage(nn.Module):
         return x[:, self.num_prefix_tokens :].unflatten(1, hw).permute(0, 3, 1, 2)  # channels-last view
 
 
-def _stage_grid(cfg: CvTConfig, stage: int, input_size: tuple[int, int]) -> tuple[int, int]:
+def stage_grid(cfg: CvTConfig, stage: int, input_size: tuple[int, int]) -> tuple[int, int]:
     """Token grid of `stage` for an input of `input_size` (H, W)."""
     h, w = input_size
     for i in range(stage + 1):
@@ -465,7 +465,7 @@ class CvT(nn.Module):
 def check_input_size(cfg: CvTConfig, input_size: tuple[int, int]) -> None:
     """Raise a ValueError if an input of `input_size` (H, W) shrinks to nothing inside the network."""
     for stage in range(cfg.num_stages):
-        h, w = _stage_grid(cfg, stage, input_size)
+        h, w = stage_grid(cfg, stage, input_size)
         if h < 1 or w < 1:
             raise ValueError(f"input size {input_size} is too small: stage {stage} would have a {h}x{w} grid")
 
