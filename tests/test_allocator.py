@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-CHILD = """
+ROUNDS = 10
+CHILD = f"""
 import resource, sys, torch
 from cvt.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 faults = []
-for _ in range(5):  # each round either reuses freed memory or maps it in again
+for _ in range({ROUNDS}):  # each round either reuses freed memory or maps it in again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(16 << 20)  # 64 MB of float32: 16,384 pages of 4 KB, above glibc's largest mmap threshold
     t.fill_(1.0)
@@ -36,9 +37,11 @@ def run_child(mode, **env):
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     applied, faults = run_child("default")
     assert not applied and faults[-2:] == [pytest.approx(PAGES, rel=0.1)] * 2  # every round faulted in again
-    # kept: the heap grows to hold the block, at most once more in round 2 or 3 (when a small allocation has taken
-    # part of the freed space), and from then on every round reuses it
+    # kept: the heap grows to hold the block, then a few times more while the freed block is a little too small for
+    # the next aligned request (torch asks for 64-byte alignment; what lies beside the freed block depends on every
+    # allocation made before, so on which modules were imported: 1 to 4 extra blocks seen in 14-round runs, none
+    # after round 5), and from then on every round reuses it
     applied, faults = run_child("keep")
-    assert applied and sum(faults) <= 2.1 * PAGES and sum(faults[-2:]) < PAGES // 100
+    assert applied and sum(faults) <= 5.1 * PAGES and sum(faults[-3:]) < PAGES // 100
     applied, faults = run_child("keep", CVT_KEEP_FREED_MEMORY="0")
     assert not applied and faults[-2:] == [pytest.approx(PAGES, rel=0.1)] * 2
