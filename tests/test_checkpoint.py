@@ -22,16 +22,15 @@ from cvt.checkpoint import (
     hf_to_cvt,
     imagenet_classes,
     infer_config,
-    load_model,
     official_to_cvt,
     read_checkpoint,
-    resolve_model,
     save_model,
 )
 from cvt.cli import main
 from cvt.config import CvTConfig, DataConfig
+from cvt.factory import load_model, resolve_model
 from cvt.model import CvT
-from cvt.registry import model_config
+from cvt.variants import model_config
 
 # transformers' CvT indexes its per-stage drop-path list by the stage number, so depth[i] must exceed i
 TINY = CvTConfig(dims=(16, 32, 48), depths=(1, 2, 3), heads=(1, 2, 3), num_classes=10)
@@ -254,7 +253,7 @@ def test_config_from_hf_matches_registry():
 
 
 def test_what_the_weights_cannot_tell_is_asked_for(tiny, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="cvt.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="cvt"):
         save_model(tiny, tmp_path / "tiny.pth", format="official")
         assert load_model(tmp_path / "tiny.pth").cfg.heads == (1, 1, 1)
     assert "does not record the attention heads" in caplog.text
@@ -301,7 +300,7 @@ def test_hf_imagenet_labels_become_short_names(tmp_path):
 
 def test_new_num_classes_reinitialises_only_the_head(tiny, tmp_path, caplog):
     save_model(tiny, tmp_path / "own")
-    with caplog.at_level(logging.INFO, logger="cvt.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="cvt"):
         model = load_model(tmp_path / "own", num_classes=5)
     assert "re-initialising the classifier head" in caplog.text
     assert model.head.weight.shape == (5, 48) and model.class_names is None
