@@ -340,16 +340,19 @@ def _init_weights(module: nn.Module) -> None:
 class CvT(nn.Module):
     """Convolutional vision Transformer.
 
+    Besides its architecture the model carries its metadata, declared here with defaults so that a plain
+    `CvT(cfg)` works everywhere; `cvt.create_model`/`cvt.load_model` and a training run set them, and
+    `model_metadata` turns them into what every file written from the model records.
+
     Args:
         cfg: architecture; see `CvTConfig`.
 
     Attributes:
         cfg: the architecture.
-        model_name: registered `name.tag` (set by `cvt.create_model`/`cvt.load_model`), or None.
+        model_name: registered `name.tag`, the name a checkpoint recorded, or None.
         data_config: the evaluation preprocessing the weights expect; default the ImageNet 224 protocol.
         class_names: one name per class, or None when unknown.
-        pretrained_cfg: the released weights this model's name refers to, or None.
-        The last four are what every file written from the model records besides its weights (`model_metadata`).
+        pretrained_cfg: the released weights the model's name refers to, or None.
     """
 
     def __init__(self, cfg: CvTConfig) -> None:

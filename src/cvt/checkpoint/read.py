@@ -95,7 +95,7 @@ def _from_state_dict(state: Any, source: Path, meta: dict[str, Any] | None) -> C
 
 
 def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint:
-    """Read any supported checkpoint file or folder (see the module docstring) into our layout.
+    """Read any supported checkpoint file or folder (the formats `cvt.checkpoint` lists) into our layout.
 
     Args:
         path: a file or folder.
