@@ -24,6 +24,7 @@ from cvt.checkpoint import (
     infer_config,
     official_to_cvt,
     read_checkpoint,
+    read_training_checkpoint,
     save_model,
 )
 from cvt.cli import main
@@ -212,6 +213,24 @@ def test_round_trip_training_checkpoint(tiny, tmp_path):
     assert (back.cfg, back.class_names, back.model_name) == (TINY, tiny.class_names, "tiny-finetuned")
     assert back.data_config == tiny.data_config
     assert_same_state(ema.state_dict(), load_model(tmp_path / "last.pt", ema=True).state_dict())
+
+
+def test_training_checkpoint_reader_checks_format_version_and_resumability(tiny, tmp_path):
+    # what best.pt holds: the weights and metadata, no state to resume from
+    weights_only = {"format": "cvt.train", "version": 1, "model": tiny.state_dict(), "model_config": TINY.to_dict()}
+    weights_only["optimizer"] = None
+    torch.save(weights_only, tmp_path / "best.pt")
+    assert read_training_checkpoint(tmp_path / "best.pt")["model_config"] == TINY.to_dict()
+    with pytest.raises(CheckpointError, match=r"best\.pt is not a full training checkpoint \(format 'cvt\.train'\)"):
+        read_training_checkpoint(tmp_path / "best.pt", resumable=True)
+    torch.save({**weights_only, "version": 2}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="'cvt.train' version 2 is not supported"):
+        read_training_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="'cvt.train' version 2 is not supported"):
+        load_model(tmp_path / "future.pt")
+    torch.save(tiny.state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match=r"weights\.pth is not a training checkpoint"):
+        read_training_checkpoint(tmp_path / "weights.pth")
 
 
 def test_pure_key_conversions_invert_each_other():
