@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args(argv)
 
-    model = cvt.checkpoint.resolve_model(args.model).eval()
+    model = cvt.resolve_model(args.model).eval()
     dataset = open_eval_dataset(model, args.data, split=args.split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     with warnings.catch_warnings():

@@ -23,8 +23,8 @@ from cvt.cli import main
 from cvt.config import CvTConfig
 from cvt.flops import count_params, model_cost
 from cvt.model import CvT
-from cvt.registry import model_config
 from cvt.train import apply_overrides, load_config
+from cvt.variants import model_config
 
 CVT_13_PARAMS = 19_997_480  # shared/SPEC.md
 DIMS, DEPTHS = (64, 192, 384), (1, 2, 10)

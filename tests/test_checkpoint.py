@@ -22,16 +22,16 @@ from cvt.checkpoint import (
     hf_to_cvt,
     imagenet_classes,
     infer_config,
-    load_model,
     official_to_cvt,
     read_checkpoint,
-    resolve_model,
+    read_training_checkpoint,
     save_model,
 )
 from cvt.cli import main
 from cvt.config import CvTConfig, DataConfig
+from cvt.factory import load_model, resolve_model
 from cvt.model import CvT
-from cvt.registry import model_config
+from cvt.variants import model_config
 
 # transformers' CvT indexes its per-stage drop-path list by the stage number, so depth[i] must exceed i
 TINY = CvTConfig(dims=(16, 32, 48), depths=(1, 2, 3), heads=(1, 2, 3), num_classes=10)
@@ -215,6 +215,24 @@ def test_round_trip_training_checkpoint(tiny, tmp_path):
     assert_same_state(ema.state_dict(), load_model(tmp_path / "last.pt", ema=True).state_dict())
 
 
+def test_training_checkpoint_reader_checks_format_version_and_resumability(tiny, tmp_path):
+    # what best.pt holds: the weights and metadata, no state to resume from
+    weights_only = {"format": "cvt.train", "version": 1, "model": tiny.state_dict(), "model_config": TINY.to_dict()}
+    weights_only["optimizer"] = None
+    torch.save(weights_only, tmp_path / "best.pt")
+    assert read_training_checkpoint(tmp_path / "best.pt")["model_config"] == TINY.to_dict()
+    with pytest.raises(CheckpointError, match=r"best\.pt is not a full training checkpoint \(format 'cvt\.train'\)"):
+        read_training_checkpoint(tmp_path / "best.pt", resumable=True)
+    torch.save({**weights_only, "version": 2}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="'cvt.train' version 2 is not supported"):
+        read_training_checkpoint(tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="'cvt.train' version 2 is not supported"):
+        load_model(tmp_path / "future.pt")
+    torch.save(tiny.state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(CheckpointError, match=r"weights\.pth is not a training checkpoint"):
+        read_training_checkpoint(tmp_path / "weights.pth")
+
+
 def test_pure_key_conversions_invert_each_other():
     with torch.device("meta"):
         state = CvT(model_config("cvt_13")).state_dict()
@@ -254,7 +272,7 @@ def test_config_from_hf_matches_registry():
 
 
 def test_what_the_weights_cannot_tell_is_asked_for(tiny, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="cvt.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="cvt"):
         save_model(tiny, tmp_path / "tiny.pth", format="official")
         assert load_model(tmp_path / "tiny.pth").cfg.heads == (1, 1, 1)
     assert "does not record the attention heads" in caplog.text
@@ -301,7 +319,7 @@ def test_hf_imagenet_labels_become_short_names(tmp_path):
 
 def test_new_num_classes_reinitialises_only_the_head(tiny, tmp_path, caplog):
     save_model(tiny, tmp_path / "own")
-    with caplog.at_level(logging.INFO, logger="cvt.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="cvt"):
         model = load_model(tmp_path / "own", num_classes=5)
     assert "re-initialising the classifier head" in caplog.text
     assert model.head.weight.shape == (5, 48) and model.class_names is None

@@ -220,7 +220,8 @@ def test_samples_identical_with_and_without_loader_workers(shapes):
 @pytest.fixture(scope="module")
 def shard_dir(shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    paths = write_shards(open_dataset(shapes, split="train"), out, shard_size=3)  # 24 samples -> 8 shards
+    train = open_dataset(shapes, split="train")
+    paths = write_shards(train.samples, train.classes, out, shard_size=3)  # 24 samples -> 8 shards
     assert [p.name for p in paths] == [f"shard-{i:06d}.tar" for i in range(8)]
     return out
 

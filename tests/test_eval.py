@@ -13,8 +13,9 @@ import torch
 from cvt import create_model
 from cvt.checkpoint import save_model
 from cvt.cli import main
-from cvt.config import DataConfig
+from cvt.config import CvTConfig, DataConfig
 from cvt.data import create_eval_transform, load_image, make_dataset
+from cvt.model import CvT
 from cvt.optimize import InferenceBlock
 from cvt.predict import inference_model, predict_images
 
@@ -82,6 +83,19 @@ def test_predict_by_hand(shapes, tmp_path, capsys):
         assert [p["probability"] for p in r["predictions"]] == pytest.approx([math.exp(b) / total for b in BIAS[:3]])
     assert main(["predict", "--model", str(model_dir), str(first), "--topk", "1"]) == 0
     assert capsys.readouterr().out.strip() == f"{first}: class0 {math.exp(5) / total:.3f}"
+
+
+def test_predict_with_a_model_built_from_a_config(shapes):
+    # a plain CvT(cfg) declares its metadata: the default ImageNet protocol, no class names (labels are indices)
+    model = CvT(CvTConfig(dims=(16, 32, 48), depths=(1, 1, 1), heads=(1, 1, 2), num_classes=6))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor(BIAS))
+    image = sorted((shapes / "val").rglob("*.*"))[0]
+    (result,) = predict_images(model, [image], topk=2)
+    total = sum(math.exp(b) for b in BIAS)
+    assert [p["label"] for p in result["predictions"]] == ["0", "1"]
+    assert [p["probability"] for p in result["predictions"]] == pytest.approx([math.exp(b) / total for b in BIAS[:2]])
 
 
 def test_predict_runs_the_optimized_model_with_the_plain_models_numbers(shapes):

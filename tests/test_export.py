@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cvt
+import cvt.export
 import cvt.optimize
 from cvt.checkpoint import save_model
 from cvt.cli import main
@@ -112,7 +113,7 @@ def test_a_wrong_export_fails_loudly_writes_nothing_and_leaves_the_model_alone(m
             folded.head.bias.add_(1e-3)
         return folded
 
-    monkeypatch.setattr(cvt.optimize, "fold_batchnorm", perturbed_fold)
+    monkeypatch.setattr(cvt.export, "fold_batchnorm", perturbed_fold)  # where the export looks it up
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"does not reproduce PyTorch: max abs diff 0\.001"):

@@ -101,7 +101,7 @@ def test_released_layout_with_its_unused_q_projection(tmp_path, shapes, mode):
     q_conv = "stages.2.blocks.0.attn.conv_proj_q.conv.weight"
     trained = "stages.2.blocks.0.attn.conv_proj_k.conv.weight"
     torch.manual_seed(0)  # the run's seed: the model it started from
-    from cvt.registry import create_model  # noqa: PLC0415
+    from cvt import create_model  # noqa: PLC0415
 
     start = create_model("cvt_13", num_classes=4, **kwargs).state_dict()
     assert torch.equal(ckpt["model"][q_conv], start[q_conv])  # no gradient, no decay: untouched

@@ -1,13 +1,14 @@
 """cvt: CvT (Convolutional vision Transformer) faithful to the authors' code, with training, evaluation and export."""
 
-from .checkpoint import load_model, resolve_model, save_model
+from .checkpoint import save_model
 from .config import CvTConfig, DataConfig, PretrainedCfg
 from .export import export_onnx, export_torchscript
+from .factory import create_model, load_model, resolve_model
 from .features import CvTFeatures
 from .flops import count_macs, count_params, model_cost
 from .model import CvT
 from .optimize import optimize_for_inference
-from .registry import create_model, list_models, model_config
+from .variants import list_models, model_config
 
 __version__ = "0.1.0"
 

@@ -8,7 +8,6 @@ weights as maps on the key grid; `plot_attention` upsamples them and overlays th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -20,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .eval_mode import eval_mode
 from .fileio import atomic_write
-from .model import Attention, CvT
+from .model import Attention, CvT, conv_out_size
 
 
 @dataclasses.dataclass
@@ -62,26 +62,12 @@ def key_grid(attn: Attention, hw: tuple[int, int]) -> tuple[int, int]:
         return tuple(hw)
     layer = proj.conv if proj.method == "dw_bn" else proj.avg
     kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding)
-    grid = []
-    for size, k, s, p in zip(hw, kernel, stride, padding, strict=True):
-        if proj.method == "dw_bn":
-            out = (size + 2 * p - k) // s + 1
-        else:  # AvgPool2d(ceil_mode=True): round up, but the last window must start inside the padded input
-            out = math.ceil((size + 2 * p - k) / s) + 1
-            if (out - 1) * s >= size + p:
-                out -= 1
-        grid.append(out)
-    return grid[0], grid[1]
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Any:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+    ceil_mode = proj.method == "avg"  # AvgPool2d(ceil_mode=True) rounds up
+    h, w = (
+        conv_out_size(size, k, s, p, ceil_mode=ceil_mode)
+        for size, k, s, p in zip(hw, kernel, stride, padding, strict=True)
+    )
+    return h, w
 
 
 @torch.no_grad()
@@ -106,7 +92,7 @@ def class_token_attention(model: CvT, images: torch.Tensor) -> ClassTokenAttenti
 
     handle = block.register_forward_pre_hook(hook)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             logits = model(images)
             weights = block.attn.attention_weights(block.norm1(captured["x"]), captured["hw"])
     finally:

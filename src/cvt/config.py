@@ -8,6 +8,8 @@ from typing import Any
 
 QKV_METHODS = ("dw_bn", "avg", "linear")
 ACTIVATIONS = ("quick_gelu", "gelu")
+# `CvTConfig` fields that do not change which weights fit or what the model computes in eval mode
+TRAINING_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "num_classes")
 
 # Fields that hold one value per stage; a scalar given for one of them is repeated for every stage.
 _PER_STAGE = (

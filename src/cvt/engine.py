@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +196,6 @@ def train_one_epoch(
         return result
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
     micro, step_loss = 0, torch.zeros((), device=device)
     started = time.perf_counter()
@@ -309,8 +308,6 @@ def evaluate(
     correct5 = torch.zeros((), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     if progress:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
         loader = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
     for batch in loader:
         images, targets = batch[0].to(device), batch[1].to(device)

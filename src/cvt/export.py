@@ -24,14 +24,17 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .eval_mode import eval_mode
 from .fileio import atomic_write
+from .model import model_metadata
+from .optimize import fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,7 @@ class ExportResult:
 
 def _input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int]:
     if input_size is None:
-        data_config = getattr(model, "data_config", None)
-        return tuple(data_config.input_size) if data_config is not None else (224, 224)
+        return tuple(model.data_config.input_size)
     if isinstance(input_size, int):
         return (input_size, input_size)
     if len(input_size) == 1:
@@ -91,33 +93,21 @@ def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:
-    """Model facts recorded in the exported file, so that it can be used without this package."""
-    meta = {"cvt.format_version": "1"}
-    if getattr(model, "model_name", None):
-        meta["cvt.model_name"] = str(model.model_name)
-    if getattr(model, "cfg", None) is not None:
-        meta["cvt.config"] = json.dumps(model.cfg.to_dict())
-    if getattr(model, "data_config", None) is not None:
-        meta["cvt.data_config"] = json.dumps(model.data_config.to_dict())
-    if getattr(model, "class_names", None) is not None:
-        meta["cvt.class_names"] = json.dumps(list(model.class_names))
-    return meta
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+    """Model facts recorded in the exported file (JSON strings under "cvt.*" keys), so that it can be used without
+    this package; entries the model does not have are left out."""
+    meta = model_metadata(model)
+    out = {"cvt.format_version": "1"}
+    if meta["model_name"]:
+        out["cvt.model_name"] = str(meta["model_name"])
+    out["cvt.config"] = json.dumps(meta["model_config"])
+    out["cvt.data_config"] = json.dumps(meta["data_config"])
+    if meta["class_names"] is not None:
+        out["cvt.class_names"] = json.dumps(meta["class_names"])
+    return out
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """An eval-mode float32 CPU copy of `model` with every projection BatchNorm folded into its convolution."""
-    from .optimize import fold_batchnorm  # noqa: PLC0415
-
     folded = fold_batchnorm(model).float().cpu()  # fold_batchnorm deep-copies and puts the copy in eval mode
     folded.requires_grad_(False)
     return folded
@@ -134,7 +124,7 @@ def _check(
     generator = torch.Generator().manual_seed(0)
     param = next(model.parameters())
     checks = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for shape in shapes:
             x = torch.randn(*shape, generator=generator)
             expected = [t.cpu() for t in _as_list(model(x.to(param.device, param.dtype)))]

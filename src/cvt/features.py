@@ -43,6 +43,8 @@ class CvTFeatures(nn.Module):
         feature_info: one dict per selected stage: `num_chs` (channels), `reduction` (stride relative to the
             input), `module` (its name) and `index`.
         cfg: the architecture of the source model.
+        model_name, data_config, pretrained_cfg: the source model's (see `CvT`); `class_names` is None, since a
+            backbone has no classes.
     """
 
     def __init__(self, model: CvT, out_indices: int | Sequence[int] = (0, 1, 2)) -> None:
@@ -51,9 +53,9 @@ class CvTFeatures(nn.Module):
         self.out_indices = _normalise_indices(out_indices, len(model.stages))
         self.stages = model.stages[: max(self.out_indices) + 1]
         self.feature_info: list[dict[str, Any]] = [{**model.feature_info[i], "index": i} for i in self.out_indices]
-        for attr in ("data_config", "pretrained_cfg", "model_name"):
-            if hasattr(model, attr):
-                setattr(self, attr, getattr(model, attr))
+        self.model_name, self.data_config = model.model_name, model.data_config
+        self.pretrained_cfg = model.pretrained_cfg
+        self.class_names: list[str] | None = None
 
     def channels(self) -> list[int]:
         """Channels of each returned map."""

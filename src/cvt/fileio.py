@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import torch
 
 
 @contextlib.contextmanager
@@ -33,7 +36,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
     """`torch.save` to `path` atomically."""
-    import torch  # noqa: PLC0415
-
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+
+def write_json(data: Any, path: str | os.PathLike) -> Path:
+    """Write `data` as indented JSON with a final newline, atomically; returns `path`."""
+    path = Path(path)
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return path

@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import CvTConfig
+from .eval_mode import eval_mode
 from .model import CvT
 
 
@@ -24,16 +25,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, int] = (224, 224), in_ch
     """
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, *input_size, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            if isinstance(model, CvT):  # the whole network, as the paper counts it (`forward` skips some rows)
-                model.forward_head(model.forward_features(x))
-            else:
-                model(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        if isinstance(model, CvT):  # the whole network, as the paper counts it (`forward` skips some rows)
+            model.forward_head(model.forward_features(x))
+        else:
+            model(x)
     return counter.get_total_flops() // 2
 
 

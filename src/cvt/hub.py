@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from .checkpoint.formats import CONFIG_FILE, HF_WEIGHT_FILES
 
-CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # preferred first
+logger = logging.getLogger(__name__)
 
 
 def _fetch(repo_id: str, *, revision: str | None, cache_dir: str | Path | None, local_only: bool) -> Path:
@@ -26,7 +25,7 @@ def _fetch(repo_id: str, *, revision: str | None, cache_dir: str | Path | None, 
         return Path(path)
 
     config = get(CONFIG_FILE)
-    for filename in WEIGHT_FILES:
+    for filename in HF_WEIGHT_FILES:
         try:
             get(filename)
             return config.parent
@@ -35,7 +34,7 @@ def _fetch(repo_id: str, *, revision: str | None, cache_dir: str | Path | None, 
                 raise  # the hub could not be reached and the cache lacks the file
         except EntryNotFoundError:  # the repository has no file of that name: try the next one
             pass
-    raise LocalEntryNotFoundError(f"none of {WEIGHT_FILES} in {repo_id}")
+    raise LocalEntryNotFoundError(f"none of {HF_WEIGHT_FILES} in {repo_id}")
 
 
 def download_weights(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import CvTConfig
+from .config import CvTConfig, DataConfig, PretrainedCfg
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -79,9 +79,12 @@ def _activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Output length of a convolution along one axis."""
-    return (size + 2 * padding - kernel) // stride + 1
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
+    """Output length of a convolution (or pooling window) along one axis; `ceil_mode` as `nn.AvgPool2d` has it."""
+    if not ceil_mode:
+        return (size + 2 * padding - kernel) // stride + 1
+    out = -(-(size + 2 * padding - kernel) // stride) + 1  # rounded up ...
+    return out - 1 if (out - 1) * stride >= size + padding else out  # ... but the last window starts in the input
 
 
 class ConvEmbed(nn.Module):
@@ -337,13 +340,28 @@ def _init_weights(module: nn.Module) -> None:
 class CvT(nn.Module):
     """Convolutional vision Transformer.
 
+    Besides its architecture the model carries its metadata, declared here with defaults so that a plain
+    `CvT(cfg)` works everywhere; `cvt.create_model`/`cvt.load_model` and a training run set them, and
+    `model_metadata` turns them into what every file written from the model records.
+
     Args:
         cfg: architecture; see `CvTConfig`.
+
+    Attributes:
+        cfg: the architecture.
+        model_name: registered `name.tag`, the name a checkpoint recorded, or None.
+        data_config: the evaluation preprocessing the weights expect; default the ImageNet 224 protocol.
+        class_names: one name per class, or None when unknown.
+        pretrained_cfg: the released weights the model's name refers to, or None.
     """
 
     def __init__(self, cfg: CvTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.model_name: str | None = None
+        self.data_config = DataConfig()
+        self.class_names: list[str] | None = None
+        self.pretrained_cfg: PretrainedCfg | None = None
         self.num_classes = cfg.num_classes
         self.num_features = cfg.dims[-1]
         stages, in_chans, reduction = [], cfg.in_chans, 1
@@ -462,12 +480,19 @@ class CvT(nn.Module):
         return self.forward_head(self.forward_features(x, class_token_only=True))
 
 
-def check_input_size(cfg: CvTConfig, input_size: tuple[int, int]) -> None:
-    """Raise a ValueError if an input of `input_size` (H, W) shrinks to nothing inside the network."""
-    for stage in range(cfg.num_stages):
-        h, w = stage_grid(cfg, stage, input_size)
-        if h < 1 or w < 1:
-            raise ValueError(f"input size {input_size} is too small: stage {stage} would have a {h}x{w} grid")
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    """What a file written from `model` (a `CvT` or `CvTFeatures`) records besides its weights, as JSON-ready data.
+
+    The one source of the "model_name", "model_config", "data_config" and "class_names" entries that `save_model`,
+    the training checkpoint and the exported files write.
+    """
+    names = model.class_names
+    return {
+        "model_name": model.model_name,
+        "model_config": model.cfg.to_dict(),
+        "data_config": model.data_config.to_dict(),
+        "class_names": [str(n) for n in names] if names is not None else None,
+    }
 
 
 __all__ = [
@@ -481,7 +506,8 @@ __all__ = [
     "QuickGELU",
     "LayerNorm",
     "DropPath",
-    "check_input_size",
     "conv_out_size",
     "conv_projector",
+    "model_metadata",
+    "stage_grid",
 ]

@@ -7,7 +7,6 @@ recorded).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .data import create_eval_transform, is_image_file, load_image, open_dataset
 from .engine import evaluate, per_class_accuracy
 from .fileio import atomic_write
 from .model import CvT
@@ -54,8 +54,6 @@ def open_eval_dataset(model: nn.Module, data: str | os.PathLike, *, split: str |
         ValueError: the dataset's class names differ from the model's (or their number, when the model records
             no names).
     """
-    from .data import create_eval_transform, open_dataset  # noqa: PLC0415
-
     path = Path(data)
     if split is None and path.is_dir() and ((path / "val").is_dir() or (path / "val.csv").is_file()):
         split = "val"
@@ -157,8 +155,6 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files named in `inputs`; a directory contributes its image files, recursively, sorted."""
-    from .data import is_image_file  # noqa: PLC0415
-
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -190,8 +186,6 @@ def predict_images(
     Returns:
         One dict per image: {"path", "predictions": [{"label", "index", "probability"}, ...]}, best first.
     """
-    from .data import create_eval_transform, load_image  # noqa: PLC0415
-
     transform = create_eval_transform(model.data_config)
     names = _class_names(model)
     model = inference_model(model, device, optimize)
@@ -210,12 +204,3 @@ def predict_images(
             ]
             out.append({"path": str(path), "predictions": preds})
     return out
-
-
-def write_json(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` as indented JSON, atomically."""
-    path = Path(path)
-    with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    return path

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from cvt.attention_map import class_token_attention, denormalize, plot_attention, top_predictions
+from cvt.data import create_eval_transform, load_image
+from cvt.factory import resolve_model
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("attention", help="plot where the class token attends in the last block")
@@ -16,15 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvt.attention_map import class_token_attention, denormalize, plot_attention, top_predictions  # noqa: PLC0415
-    from cvt.checkpoint import resolve_model  # noqa: PLC0415
-    from cvt.data import create_eval_transform, load_image  # noqa: PLC0415
-
     model = resolve_model(args.model).to(args.device)
     data_config = model.data_config
     image = create_eval_transform(data_config)(load_image(args.image))  # (3, H, W), normalised
     result = class_token_attention(model, image[None].to(args.device))
-    predictions = top_predictions(result.logits[0], getattr(model, "class_names", None), args.topk)
+    predictions = top_predictions(result.logits[0], model.class_names, args.topk)
     title = "  ".join(f"{label}: {prob:.1%}" for label, prob in predictions)
     plot_attention(denormalize(image, data_config.mean, data_config.std), result.maps[0], args.output, title=title)
     hk, wk = result.key_grid

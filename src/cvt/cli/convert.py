@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.checkpoint import SAVE_FORMATS, load_model, save_model
-from cvt.registry import create_model
+from cvt.checkpoint import SAVE_FORMATS, save_model
+from cvt.factory import create_model, load_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -103,8 +103,15 @@ def run_write_shards(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.source, split=args.split)
     if not hasattr(dataset, "samples"):
         raise ValueError(f"{args.source} is already sharded; write-shards reads class folders or a .csv list")
+    shuffle, seed = not args.no_shuffle, args.seed
     paths = write_shards(
-        dataset, args.out, shard_size=args.shard_size, prefix=args.prefix, shuffle=not args.no_shuffle, seed=args.seed
+        dataset.samples,
+        dataset.classes,
+        args.out,
+        shard_size=args.shard_size,
+        prefix=args.prefix,
+        shuffle=shuffle,
+        seed=seed,
     )
     print(f"wrote {len(dataset)} samples of {len(dataset.classes)} classes into {len(paths)} shard(s) in {args.out}")
     return 0

@@ -12,9 +12,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-from cvt.checkpoint import load_model
 from cvt.data import make_dataset
-from cvt.predict import evaluate_model, plot_confusion, predict_images, write_json
+from cvt.factory import load_model
+from cvt.fileio import write_json
+from cvt.predict import evaluate_model, plot_confusion, predict_images
 from cvt.train import load_config, load_config_module, train
 
 TARGET_TOP1 = 90.0

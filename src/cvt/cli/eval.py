@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from cvt.checkpoint import resolve_model
-from cvt.predict import evaluate_model, plot_confusion, write_json
+from cvt.factory import resolve_model
+from cvt.fileio import write_json
+from cvt.predict import evaluate_model, plot_confusion
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

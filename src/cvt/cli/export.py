@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cvt.export import DEFAULT_OPSET, FORMATS, export
+from cvt.factory import resolve_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +26,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvt.checkpoint import resolve_model  # noqa: PLC0415
-
     if args.input_size is not None and len(args.input_size) not in (1, 2):
         raise ValueError(f"--input-size takes N or H W, got {args.input_size}")
     model = resolve_model(args.model)
@@ -39,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         check=not args.no_check,
         atol=args.atol,
     )
-    print(f"wrote {result.path} ({args.format}, model {getattr(model, 'model_name', args.model)})")
+    print(f"wrote {result.path} ({args.format}, model {model.model_name or args.model})")
     for shape, diff in result.checks:
         print(f"  input {'x'.join(map(str, shape))}: max abs diff to PyTorch {diff:.3g}")
     if result.checks:

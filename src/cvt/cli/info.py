@@ -6,7 +6,7 @@ import argparse
 
 from cvt.config import DataConfig
 from cvt.flops import model_cost
-from cvt.registry import VARIANTS, model_config, resolve
+from cvt.variants import VARIANTS, model_config, resolve
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cvt.checkpoint import resolve_model
+from cvt.factory import resolve_model
 from cvt.predict import list_images, predict_images
 
 

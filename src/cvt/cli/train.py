@@ -6,8 +6,7 @@ import argparse
 import json
 import os
 
-import torch
-
+from cvt.checkpoint import read_training_checkpoint
 from cvt.train import TrainConfig, apply_overrides, load_config, resolve_resume, train
 
 
@@ -47,7 +46,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     elif args.resume:
         output = args.output or ("." if args.resume == "auto" else None)
         path = resolve_resume(args.resume, output or ".")
-        saved = torch.load(path, map_location="cpu", weights_only=True)["train_config"]
+        saved = read_training_checkpoint(path)["train_config"]
         # continue where the run stopped: its own max_steps would stop it again at once
         saved.update(max_steps=None, output=str(args.output or path.parent))
         cfg = apply_overrides(TrainConfig.from_dict(saved), extra)

@@ -6,9 +6,10 @@ and a generated dataset.
 """
 
 from .auto_augment import RandAugment, RandAugmentConfig, rand_augment_transform
-from .datasets import FolderDataset, ImageDataset, ListDataset, open_dataset, rng_scope, sample_seed
+from .datasets import FolderDataset, ImageDataset, ListDataset, open_dataset
 from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImageError, is_image_file, load_image
 from .mixup import Mixup, SoftTargetCrossEntropy, one_hot_smooth
+from .seeding import rng_scope, sample_seed
 from .shards import TarShardDataset, expand_braces, expand_shards, write_shards
 from .synthetic import make_dataset
 from .transforms import (

@@ -28,8 +28,8 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_write
-from .datasets import ImageDataset, rng_scope, sample_seed
 from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
+from .seeding import rng_scope, sample_seed
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,8 @@ class TarShardDataset(IterableDataset):
 
 
 def write_shards(
-    dataset: ImageDataset,
+    samples: Sequence[tuple[str | os.PathLike, int]],
+    classes: Sequence[str],
     out_dir: str | os.PathLike,
     *,
     shard_size: int = 1000,
@@ -291,10 +292,12 @@ def write_shards(
     shuffle: bool = True,
     seed: int = 0,
 ) -> list[Path]:
-    """Copy a map-style dataset's files (bytes unchanged) into tar shards plus `classes.txt`.
+    """Copy image files (bytes unchanged) into tar shards plus `classes.txt`.
 
     Args:
-        dataset: a dataset with `samples` and `classes` (e.g. from `open_dataset`).
+        samples: (image file, class index) pairs, e.g. the `samples` of a folder or CSV dataset from `open_dataset`;
+            sample i is stored as members `{i:08d}.<ending>` and `{i:08d}.cls`.
+        classes: class names in label order.
         out_dir: where the shards go (created).
         shard_size: samples per shard.
         prefix: shard file names are `<prefix>-000000.tar`, ...
@@ -309,7 +312,7 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    order = list(range(len(dataset.samples)))
+    order = list(range(len(samples)))
     if shuffle:
         random.Random(seed).shuffle(order)
     paths = []
@@ -317,13 +320,13 @@ def write_shards(
         path = out / f"{prefix}-{shard:06d}.tar"
         with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for index in order[start : start + shard_size]:
-                file, label = dataset.samples[index]
+                file, label = samples[index]
                 ext = Path(file).suffix.lower().lstrip(".") or "img"
                 _add_member(tar, f"{index:08d}.{ext}", Path(file).read_bytes())
                 _add_member(tar, f"{index:08d}.cls", str(label).encode())
         paths.append(path)
     with atomic_write(out / CLASSES_FILE, "w") as f:
-        f.write("".join(f"{name}\n" for name in dataset.classes))
+        f.write("".join(f"{name}\n" for name in classes))
     return paths
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..fileio import atomic_write
+from ..fileio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def make_dataset(
     elif root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} is not empty and is not a generated dataset; choose an empty or new directory")
 
-    _write_manifest(manifest_path, {**params, "complete": False})
+    write_json({**params, "complete": False}, manifest_path)
     jobs = [
         (root / split / name, split_id, label, outline, fill, count, image_size, seed)
         for split_id, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class)))
@@ -320,12 +320,6 @@ def make_dataset(
     finally:
         if num_workers > 1:
             pool.shutdown()
-    _write_manifest(manifest_path, {**params, "complete": True, "classes": sorted(classes), "images": written})
+    write_json({**params, "complete": True, "classes": sorted(classes), "images": written}, manifest_path)
     logger.info("wrote %d images of %d classes to %s", written, num_classes, root)
     return root
-
-
-def _write_manifest(path: Path, content: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")

@@ -9,7 +9,7 @@ The evaluation transform follows a model's `DataConfig`: "center" resizes the sh
 floor(size / crop_pct) (224 / 0.875 = 256) and crops the centre; "squash" resizes the whole image to the input size.
 
 Randomness comes from Python's `random` (crop, flip, RandAugment, erasing boxes) and torch's global generator
-(erasing noise, jitter order), so seeding both per sample reproduces a sample exactly (see `datasets.rng_scope`).
+(erasing noise, jitter order), so seeding both per sample reproduces a sample exactly (see `seeding.rng_scope`).
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""The registered CvT variants and their released weights, reached through one factory."""
+"""The registered CvT variants and their released weights, as plain data: no model is built here.
+
+`VARIANTS` maps a name to its architecture and its released weights by tag; `resolve` splits "name.tag",
+`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config, and
+`imagenet_classes` are the class names of every released 1000-class head. `cvt.factory.create_model` builds them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+import functools
+import importlib.resources
+from typing import Any
 
-from .config import CvTConfig, DataConfig, PretrainedCfg, check_fields
-from .model import CvT
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from .features import CvTFeatures
+from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
 
 _CVT_13 = CvTConfig()
 _CVT_21 = dataclasses.replace(_CVT_13, depths=(1, 4, 16))
@@ -80,46 +81,41 @@ def model_config(name: str, **overrides: Any) -> CvTConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-def create_model(
-    name: str,
-    *,
-    num_classes: int | None = None,
-    pretrained: bool | str | None = None,
-    features_only: bool = False,
-    out_indices: int | Sequence[int] = (0, 1, 2),
-    **overrides: Any,
-) -> CvT | CvTFeatures:
-    """Build a registered CvT variant.
+def match_variant(cfg: CvTConfig) -> str | None:
+    """The registered variant whose architecture `cfg` is (ignoring classes and training-only rates), if any."""
+    for name, (variant, _) in VARIANTS.items():
+        same = {f: getattr(variant, f) for f in (*TRAINING_FIELDS, "act")}
+        if dataclasses.replace(cfg, **same) == variant:
+            return name
+    return None
 
-    Args:
-        name: a variant from `list_models()`, optionally with a weights tag: "cvt_13", "cvt_21.in22k_ft_384".
-        num_classes: classifier outputs; defaults to the variant's 1000.
-        pretrained: None/False for random init; True for the tag's released weights (Hugging Face hub or cache);
-            or a path to a checkpoint in any supported format.
-        features_only: return a backbone (`cvt.features.CvTFeatures`) giving the stage maps selected by
-            `out_indices` instead of logits; the full model is built (and its weights loaded) first, then cut.
-        out_indices: with `features_only`, the stages whose maps to return.
-        **overrides: `CvTConfig` fields to change, e.g. `act="gelu"`, `qkv_method="linear"`, `drop_path_rate=0.2`.
 
-    Returns:
-        The model, with `data_config` (evaluation preprocessing), `class_names` (None for random init),
-        `model_name` and `pretrained_cfg` attributes; loaded weights come in eval mode.
-    """
-    if features_only:
-        from .features import CvTFeatures  # noqa: PLC0415
+def find_official_file(file_name: str) -> tuple[str, PretrainedCfg] | None:
+    """`name.tag` and weights entry of one of the authors' release file names (case-insensitive), if it is one."""
+    for arch, (_, tags) in VARIANTS.items():
+        for tag, weights in tags.items():
+            if weights.official_file.lower() == file_name.lower():
+                return f"{arch}.{tag}", weights
+    return None
 
-        return CvTFeatures(create_model(name, num_classes=num_classes, pretrained=pretrained, **overrides), out_indices)
-    arch, _, tag, pretrained_cfg = resolve(name)
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    cfg = model_config(name, **overrides)
-    if pretrained:
-        from .checkpoint import load_pretrained  # noqa: PLC0415 - weights I/O only when asked for
 
-        return load_pretrained(cfg, pretrained_cfg, pretrained, num_classes=num_classes, model_name=f"{arch}.{tag}")
-    model = CvT(cfg)
-    model.pretrained_cfg = pretrained_cfg
-    model.data_config = pretrained_cfg.data
-    model.class_names = None
-    model.model_name = f"{arch}.{tag}"
-    return model
+@functools.cache
+def _imagenet_classes() -> tuple[str, ...]:
+    text = importlib.resources.files("cvt").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(text.splitlines())
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard index order ("tench", "goldfish", ...)."""
+    return list(_imagenet_classes())
+
+
+__all__ = [
+    "VARIANTS",
+    "find_official_file",
+    "imagenet_classes",
+    "list_models",
+    "match_variant",
+    "model_config",
+    "resolve",
+]

@@ -1,0 +1,133 @@
+"""Reading any supported checkpoint file or folder into a `Checkpoint`: weights in our layout plus what the file
+records (architecture, evaluation preprocessing, class names, name). The format is detected from the content."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import CvTConfig, DataConfig
+from .formats import (
+    CONFIG_FILE,
+    HF_WEIGHT_FILES,
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    CheckpointError,
+    parse_metadata,
+    read_json,
+)
+from .hf_config import config_from_hf, hf_class_names
+from .layouts import (
+    TO_CVT,
+    detect_layout,
+    is_state_dict,
+    repair_compile_prefix,
+    repair_ddp_prefix,
+    repair_hf_base_model,
+    repair_wrapper,
+)
+from .safe_load import read_weights_file
+from .training import TRAIN_FORMAT, is_training_checkpoint, training_weights
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds, in our key layout.
+
+    Attributes:
+        state_dict: the weights, keys as in `CvT.state_dict()`.
+        format: "official", "hf", "cvt" (a saved model folder or a bare state dict of ours) or "cvt.train".
+        source: the file or folder read.
+        config: the architecture if the file records it (ours, Hugging Face), else None.
+        data_config: evaluation preprocessing if the file records it.
+        class_names: class names if the file records them.
+        model_name: the model name the file records.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    source: Path
+    config: CvTConfig | None = None
+    data_config: DataConfig | None = None
+    class_names: list[str] | None = None
+    model_name: str | None = None
+
+
+def _read_weights_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a folder: `model.safetensors`, `pytorch_model.bin`, or shards listed in an index file."""
+    for name in HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return repair_wrapper(read_weights_file(folder / name))
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+                state.update(read_weights_file(folder / shard))
+            return state
+    raise CheckpointError(f"{folder} has a config.json but no weights ({' or '.join(HF_WEIGHT_FILES)})")
+
+
+def _from_state_dict(state: Any, source: Path, meta: dict[str, Any] | None) -> Checkpoint:
+    """Repair, detect and convert a state dict; `meta` is a config.json found with it."""
+    state = repair_compile_prefix(repair_ddp_prefix(repair_wrapper(state)))
+    if not is_state_dict(state):
+        raise CheckpointError(f"{source} holds no state dict (a dict of tensors) that this loader recognises")
+    state = repair_hf_base_model(state)
+    try:
+        layout = detect_layout(state)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    ckpt = Checkpoint(TO_CVT[layout](state), layout, source)
+    if meta is not None and meta.get("format") == MODEL_FORMAT and layout == "cvt":
+        return dataclasses.replace(ckpt, **parse_metadata(meta, source, MODEL_FORMAT_VERSION), format=MODEL_FORMAT)
+    if meta is not None and meta.get("model_type") == "cvt" and layout == "hf":
+        try:
+            config = config_from_hf(meta)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+        return dataclasses.replace(ckpt, config=config, class_names=hf_class_names(meta))
+    return ckpt
+
+
+def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint:
+    """Read any supported checkpoint file or folder (the formats `cvt.checkpoint` lists) into our layout.
+
+    Args:
+        path: a file or folder.
+        ema: from a training checkpoint, take the EMA weights instead of the model's.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        CheckpointError: unreadable, unsafe or unrecognised content; the message names the file.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_dir():
+        if ema:
+            raise CheckpointError(f"{path} is a model folder, not a training checkpoint: it has no EMA weights")
+        config_file = path / CONFIG_FILE
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a saved cvt or Hugging Face model")
+        meta = read_json(config_file)
+        if meta.get("format") != MODEL_FORMAT and meta.get("model_type") != "cvt":
+            raise CheckpointError(
+                f'{config_file} is neither a cvt model config ("format": "cvt") nor a Hugging Face CvT config '
+                f'("model_type": "cvt"; found {meta.get("model_type")!r})'
+            )
+        ckpt = _from_state_dict(_read_weights_folder(path), path, meta)
+    else:
+        obj = read_weights_file(path)
+        if is_training_checkpoint(obj):
+            weights, info = training_weights(obj, path, ema=ema)
+            return dataclasses.replace(_from_state_dict(weights, path, None), format=TRAIN_FORMAT, **info)
+        if ema:
+            raise CheckpointError(f"{path} is not a training checkpoint: it has no EMA weights")
+        sidecar = path.parent / CONFIG_FILE
+        ckpt = _from_state_dict(obj, path, read_json(sidecar) if sidecar.is_file() else None)
+    return ckpt

@@ -1,0 +1,75 @@
+"""Writing a model: our folder format, a Hugging Face `CvtForImageClassification` folder, or the authors' `.pth`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from ..fileio import atomic_save, atomic_write, write_json
+from ..model import model_metadata
+from ..variants import match_variant
+from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE
+from .hf_config import config_to_hf
+from .layouts import cvt_to_hf, cvt_to_official
+
+logger = logging.getLogger(__name__)
+
+
+def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    with atomic_write(path) as f:
+        f.write(save(tensors, metadata={"format": "pt"}))  # "pt": what transformers expects
+
+
+def save_model(
+    model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None, *, format: str = "cvt"
+) -> Path:
+    """Write `model` atomically (each file appears whole or not at all).
+
+    Args:
+        model: a `CvT`; its `model_name`, `data_config` and `class_names` are recorded (`cvt.model.model_metadata`).
+        path: a folder for "cvt" and "hf", a file for "official".
+        class_names: one name per class; default `model.class_names`.
+        format: "cvt" (model.safetensors + config.json with the architecture, preprocessing and class names),
+            "hf" (a transformers `CvtForImageClassification` folder) or "official" (the authors' bare state dict,
+            which records no architecture).
+
+    Returns:
+        `path`.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {SAVE_FORMATS}")
+    path = Path(path)
+    cfg = model.cfg
+    meta = model_metadata(model)
+    if class_names is not None:
+        meta["class_names"] = [str(n) for n in class_names]
+    names = meta["class_names"]
+    if names is not None and len(names) != cfg.num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {cfg.num_classes} classes")
+    state = _tensors(model.state_dict())
+    if format == "official":
+        if match_variant(cfg) is None:
+            logger.warning("%s records no architecture; load it with the same config fields you built it with", path)
+        atomic_save(cvt_to_official(state), path)
+        return path
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; format {format!r} writes a folder")
+    if format == "hf":
+        hf_config = config_to_hf(cfg, names)
+        if cfg.act != "gelu":
+            logger.warning("transformers' CvT computes GELU where this model computes QuickGELU: logits will differ")
+        _write_safetensors(cvt_to_hf(state), path / WEIGHTS_FILE)
+        write_json(hf_config, path / CONFIG_FILE)
+        return path
+    _write_safetensors(state, path / WEIGHTS_FILE)
+    write_json({"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, **meta}, path / CONFIG_FILE)
+    return path

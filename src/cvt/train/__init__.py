@@ -1,0 +1,48 @@
+"""Training: `TrainConfig` and `train(cfg) -> summary`.
+
+One function runs the paper's recipe on one CPU, one GPU, or many processes under `torchrun` (DDP; FSDP2 with
+`fsdp=True`). Rank 0 owns the run directory:
+
+    config.json    the resolved TrainConfig
+    metrics.csv    one row per epoch: losses, top-1/top-5, learning rate, throughput
+    summary.json   final and best top-1/top-5, epochs, wall time
+    last.pt        the full training state (atomic; written every epoch, every `save_every_steps` and on stop)
+    best.pt        the weights of the best epoch (same format, without optimiser state)
+    curves.png     loss, accuracy and learning rate per epoch
+
+Checkpoints are in the "cvt.train" format of `cvt.checkpoint.training`, readable with
+`torch.load(weights_only=True)` and by `cvt.load_model`. Resuming restores the model, optimiser, schedule, loss
+scaler, EMA, the Python/NumPy/torch RNG states of every rank and the position in the data order: the sampler skips
+the batches already seen, so a run interrupted in the middle of an epoch ends bit-identical to an uninterrupted
+one (CPU, `deterministic=True`).
+
+    config       TrainConfig, key=value overrides, config files
+    rng          seeding, RNG states, deterministic algorithms
+    distributed  the processes: environment, samplers, DDP/FSDP2, collective state
+    build        data, loaders, model, optimiser, schedule, Mixup and loss of a run
+    state        where a run stands, saved to and restored from its checkpoint
+    run_dir      config.json, metrics.csv, summary.json, curves.png, TensorBoard
+    loop         train(cfg) and the epoch loop
+"""
+
+from .config import AMP_MODES, TrainConfig, apply_overrides, find_config, load_config, load_config_module
+from .distributed import ResumableSampler
+from .loop import train
+from .rng import rng_state, set_rng_state
+from .run_dir import plot_curves
+from .state import resolve_resume
+
+__all__ = [
+    "AMP_MODES",
+    "ResumableSampler",
+    "TrainConfig",
+    "apply_overrides",
+    "find_config",
+    "load_config",
+    "load_config_module",
+    "plot_curves",
+    "resolve_resume",
+    "rng_state",
+    "set_rng_state",
+    "train",
+]

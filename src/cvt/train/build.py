@@ -1,0 +1,263 @@
+"""Everything a training run trains with, built once from its config: data and loaders, the model (wrapped for
+DDP/FSDP2, with EMA), optimiser and schedule, mixed precision, Mixup and the loss."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from .. import data as cdata
+from ..engine import ModelEma
+from ..factory import create_model, resolve_model
+from ..optim import WarmupCosineSchedule, create_optimizer, scaled_lr
+from .config import TrainConfig
+from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
+from .rng import seed_everything
+
+logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Run:
+    """The objects of one training run (built by `build_run`).
+
+    Attributes:
+        train_ds, val_ds: the datasets (val_ds None without a validation split).
+        classes: class names in label order.
+        net: the model itself (unwrapped: what is saved, EMA-tracked and optimised).
+        model: what the training step calls: `net`, or `net` under DDP/FSDP2 and/or `torch.compile`.
+        fsdp: whether `net` is sharded.
+        ema: the EMA of `net`, or None.
+        sampler: the resumable sampler of map-style training data, None for streaming data.
+        train_loader, val_loader: the loaders (val_loader None without validation data).
+        steps_per_epoch: optimiser steps per epoch.
+        global_batch: images per optimiser step over all processes.
+        lr: the peak learning rate.
+        optimizer, scheduler, scaler: optimiser, warm-up cosine schedule, fp16 GradScaler (or None).
+        amp_dtype: autocast dtype, None for float32.
+        mixup: batch Mixup/CutMix, or None.
+        criterion: the loss.
+    """
+
+    train_ds: Dataset
+    val_ds: Dataset | None
+    classes: list[str]
+    net: nn.Module
+    model: nn.Module
+    fsdp: bool
+    ema: ModelEma | None
+    sampler: ResumableSampler | None
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    steps_per_epoch: int
+    global_batch: int
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosineSchedule
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    mixup: Any
+    criterion: nn.Module
+
+
+def check_options(cfg: TrainConfig, env: DistEnv) -> None:
+    """Refuse combinations of options that cannot run here, before anything is built."""
+    if cfg.amp == "fp16" and env.device.type != "cuda":
+        raise ValueError("amp='fp16' needs a GPU (GradScaler); use amp='bf16' or 'none' on CPU")
+    if cfg.fsdp and not env.distributed:
+        logger.warning("fsdp=True without torchrun (one process): training unsharded")
+    if cfg.fsdp and cfg.ema_decay is not None:
+        raise ValueError("EMA is not supported together with FSDP")
+
+
+def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Build the run's data, model, optimiser, schedule and loss, in an order that fixes every random draw."""
+    train_ds, val_ds, classes = build_datasets(cfg, env)
+    num_classes = len(classes)
+    if num_classes < 2:
+        raise ValueError(f"the training set has {num_classes} class(es); at least 2 are needed")
+
+    # the same initial weights on every rank (FSDP does not broadcast them), then per-rank randomness
+    seed_everything(cfg.seed)
+    net = build_model(cfg, num_classes)
+    net.data_config = cfg.data_config()
+    net.class_names = classes
+    if cfg.grad_checkpointing:
+        net.set_grad_checkpointing(True)
+    net.to(env.device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    seed_everything(cfg.seed + env.rank)
+    fsdp = cfg.fsdp and env.distributed
+    ema = ModelEma(net, cfg.ema_decay) if cfg.ema_decay is not None else None
+    model = wrap_model(net, env, fsdp=fsdp)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    sampler, train_loader = build_train_loader(cfg, env, train_ds)
+    steps_per_epoch = count_steps(cfg, train_loader)
+    global_batch = cfg.batch_size * cfg.accum_steps * env.world_size
+    lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.lr_per_256, global_batch)
+    optimizer = create_optimizer(
+        net,
+        name=cfg.optimizer,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        fused=not fsdp and env.device.type in ("cpu", "cuda"),
+    )
+    scheduler = WarmupCosineSchedule(
+        optimizer,
+        base_lr=lr,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        unit=cfg.sched_unit,
+    )
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    mixup = build_mixup(cfg, num_classes)
+    criterion = build_criterion(cfg, mixup)
+    val_loader = build_val_loader(cfg, env, val_ds)
+    return Run(
+        train_ds=train_ds,
+        val_ds=val_ds,
+        classes=classes,
+        net=net,
+        model=model,
+        fsdp=fsdp,
+        ema=ema,
+        sampler=sampler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+        lr=lr,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        amp_dtype=AMP_DTYPES[cfg.amp],
+        mixup=mixup,
+        criterion=criterion,
+    )
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model to train: a registered variant, or with `cfg.init` the checkpoint to fine-tune."""
+    if cfg.init:  # fine-tuning: the architecture is the checkpoint's; model_kwargs change it (e.g. drop path)
+        return resolve_model(cfg.init, num_classes=num_classes, **cfg.model_kwargs)
+    return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+
+
+def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset | None, list[str]]:
+    """(training set, validation set or None, class names) with the training and evaluation transforms."""
+    if cfg.data is None:
+        raise ValueError("no training data: set `data` (--data DIR)")
+    train_tf = cdata.create_train_transform(
+        cfg.input_size,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        hflip=cfg.hflip,
+        auto_augment=cfg.auto_augment,
+        color_jitter=cfg.color_jitter,
+        re_prob=cfg.re_prob,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+    )
+    common = {"rank": env.rank, "world_size": env.world_size, "seed": cfg.seed}
+    # shuffle only applies to tar shards (map-style data is shuffled by the sampler)
+    train_ds = cdata.open_dataset(cfg.data, split=cfg.train_split, transform=train_tf, shuffle=True, **common)
+    val_ds = None
+    if cfg.val_split:
+        eval_tf = cdata.create_eval_transform(cfg.data_config())
+        val_ds = cdata.open_dataset(
+            cfg.data, split=cfg.val_split, transform=eval_tf, classes=list(train_ds.classes), **common
+        )
+    classes = list(getattr(train_ds, "classes", []))
+    if val_ds is not None and list(getattr(val_ds, "classes", classes)) != classes:
+        raise ValueError(f"train and val class lists differ: {classes} vs {list(val_ds.classes)}")
+    return train_ds, val_ds, classes
+
+
+def build_train_loader(cfg: TrainConfig, env: DistEnv, dataset: Dataset) -> tuple[ResumableSampler | None, DataLoader]:
+    """(sampler or None for streaming data, loader) of the training set."""
+    sampler = None
+    if not isinstance(dataset, IterableDataset):
+        sampler = ResumableSampler(dataset, num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=True,
+        pin_memory=env.device.type == "cuda",
+        persistent_workers=False,
+        # a private generator: creating the iterator must not draw from the global RNG, or a resumed
+        # epoch would see different Mixup/drop-path randomness than the uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed + env.rank),
+    )
+    return sampler, loader
+
+
+def count_steps(cfg: TrainConfig, loader: DataLoader) -> int:
+    """Optimiser steps per epoch; a clear error when the data is too small for one."""
+    try:
+        batches = len(loader)
+    except TypeError as err:
+        raise ValueError("the training set has no length: streaming datasets must define __len__") from err
+    steps = batches // cfg.accum_steps
+    if steps < 1:
+        raise ValueError(
+            f"one epoch has {batches} batch(es) of {cfg.batch_size} per process: fewer than "
+            f"accum_steps={cfg.accum_steps}; lower batch_size or accum_steps"
+        )
+    return steps
+
+
+def build_val_loader(cfg: TrainConfig, env: DistEnv, dataset: Dataset | None) -> DataLoader | None:
+    """The validation loader (each rank its share, padded so that every rank runs the same batches), or None."""
+    if dataset is None:
+        return None
+    batch = cfg.eval_batch_size or 2 * cfg.batch_size
+    if isinstance(dataset, IterableDataset):  # already split by rank
+        return DataLoader(dataset, batch_size=batch, num_workers=cfg.num_workers)
+    padded = PaddedEval(dataset, env.world_size)
+    sampler = DistributedSampler(padded, num_replicas=env.world_size, rank=env.rank, shuffle=False)
+    return DataLoader(
+        padded,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=env.device.type == "cuda",
+        generator=torch.Generator(),
+    )
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int) -> cdata.Mixup | None:
+    """Batch Mixup/CutMix with label smoothing, or None when both are off."""
+    if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0 or cfg.mixup_prob <= 0:
+        return None
+    return cdata.Mixup(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def build_criterion(cfg: TrainConfig, mixup: cdata.Mixup | None) -> nn.Module:
+    """Soft-target cross entropy after Mixup, else cross entropy with label smoothing."""
+    if mixup is not None:
+        return cdata.SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)

@@ -1,0 +1,235 @@
+"""The training run's configuration: `TrainConfig`, `key=value` overrides, and Python config files (configs/*.py)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import DataConfig
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; defaults are the paper's CvT-13 ImageNet-1k recipe at 224.
+
+    Attributes:
+        model: registered variant to train ("cvt_13", "cvt_21", "cvt_w24").
+        model_kwargs: `CvTConfig` fields overriding the variant's (e.g. {"dims": [16, 32, 48]}).
+        init: checkpoint path (any format `cvt.load_model` reads) or registered `name.tag` to start from
+            (fine-tuning); the architecture is then the checkpoint's, and a head of another size is re-initialised.
+        data: dataset location given to `cvt.data.open_dataset` (folder with train/ and val/, CSV or tar shards).
+        train_split: split used for training.
+        val_split: split used for validation; None or missing on disk for none.
+        input_size: training and evaluation resolution.
+        crop_mode: evaluation protocol, "center" (resize to size / crop_pct, centre crop) or "squash".
+        crop_pct: evaluation centre-crop fraction.
+        interpolation: resampling filter for training and evaluation.
+        mean: normalisation mean.
+        std: normalisation std.
+        scale: RandomResizedCrop area range; None resizes the whole image instead.
+        ratio: RandomResizedCrop aspect range.
+        hflip: horizontal flip probability.
+        auto_augment: RandAugment spec (timm syntax), None for none.
+        color_jitter: colour jitter strength (ignored by the transform while RandAugment is on, as in the paper).
+        re_prob: random-erasing probability.
+        mixup_alpha: Mixup alpha (0 disables).
+        cutmix_alpha: CutMix alpha (0 disables).
+        mixup_prob: probability of applying Mixup/CutMix to a batch.
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on.
+        label_smoothing: label smoothing (inside Mixup's soft targets when Mixup is on).
+        batch_size: images per process per micro-batch.
+        eval_batch_size: images per process per evaluation batch (default: 2 x batch_size).
+        accum_steps: micro-batches per optimiser step; global batch = batch_size x accum_steps x processes.
+        num_workers: data-loading worker processes.
+        optimizer: "adamw" (pre-training) or "sgd" (the paper's fine-tuning).
+        lr: absolute peak learning rate; None to scale `lr_per_256` by the global batch.
+        lr_per_256: peak learning rate per 256 images (linear scaling rule).
+        weight_decay: decay of conv/linear weights (none on norms, biases, class token).
+        momentum: SGD momentum.
+        epochs: training epochs (length of the cosine).
+        warmup_epochs: linear warm-up epochs.
+        warmup_lr: learning rate at the start of warm-up.
+        min_lr: floor of the cosine.
+        sched_unit: "epoch" (the paper: the rate changes once per epoch) or "step".
+        clip_grad: max gradient norm, None for no clipping (the paper).
+        amp: mixed precision: "none", "bf16" (autocast, CPU or GPU) or "fp16" (autocast + GradScaler, GPU only).
+        ema_decay: EMA decay, None for no EMA (the paper).
+        channels_last: channels-last memory format.
+        compile: wrap the model in `torch.compile`.
+        grad_checkpointing: recompute block activations in the backward pass.
+        fsdp: shard parameters, gradients and optimiser state with FSDP2 (`fully_shard` per block) under torchrun.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        num_threads: CPU threads of this process (`torch.set_num_threads`), None for torch's default.
+        seed: seed of the model initialisation, the data order and per-rank randomness (seed + rank).
+        deterministic: `torch.use_deterministic_algorithms(True)` for bit-exact reruns.
+        output: run directory.
+        resume: checkpoint to resume from: a .pt file, a run directory, or "auto" for `output`/last.pt.
+        max_steps: stop (with a checkpoint) after this many optimiser steps of the run, e.g. to split a job.
+        save_every_steps: also write last.pt every this many optimiser steps.
+        progress: tqdm progress bars (only on a terminal, only on rank 0).
+        tensorboard: also log to TensorBoard in `output`/tb (needs the `tensorboard` package).
+    """
+
+    model: str = "cvt_13"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    data: str | None = None
+    train_split: str = "train"
+    val_split: str | None = "val"
+    input_size: int = 224
+    crop_mode: str = "center"
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: tuple[float, float] | None = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    re_prob: float = 0.25
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    batch_size: int = 256
+    eval_batch_size: int | None = None
+    accum_steps: int = 1
+    num_workers: int = 8
+    optimizer: str = "adamw"
+    lr: float | None = None
+    lr_per_256: float = 2.5e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    epochs: int = 300
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    sched_unit: str = "epoch"
+    clip_grad: float | None = None
+    amp: str = "bf16"
+    ema_decay: float | None = None
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    device: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+    deterministic: bool = False
+    output: str = "runs/train"
+    resume: str | None = None
+    max_steps: int | None = None
+    save_every_steps: int | None = None
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "scale", "ratio"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"TrainConfig.amp {self.amp!r} is not one of {AMP_MODES}")
+        if self.accum_steps < 1:
+            raise ValueError("TrainConfig.accum_steps must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from `to_dict` output; unknown keys are an error naming them."""
+        _check_keys(data)
+        return cls(**data)
+
+    def data_config(self) -> DataConfig:
+        """The evaluation protocol of the trained model."""
+        return DataConfig(
+            input_size=(self.input_size, self.input_size),
+            crop_mode=self.crop_mode,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+        )
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string such as a path or a model name
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """Apply `key=value` overrides; values are Python literals (bare words are strings).
+
+    A dotted key sets one entry of a dict field: `model_kwargs.drop_path_rate=0.2`.
+    """
+    data = cfg.to_dict()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = key.strip(), _parse_value(text.strip())
+        top, _, sub = key.partition(".")
+        _check_keys({top: None})
+        if sub:
+            if not isinstance(data[top], dict):
+                raise ValueError(f"override {item!r}: {top} is not a dict field")
+            data[top][sub] = value
+        else:
+            data[top] = value
+    return TrainConfig.from_dict(data)
+
+
+def find_config(spec: str | os.PathLike) -> Path:
+    """A config file: `spec` itself, or `configs/<spec>.py` in the working directory or the source checkout."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix == ".py" else f"{path.name}.py"
+    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        candidate = root / "configs" / name
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config {spec} not found (neither a file nor configs/{name})")
+
+
+def load_config_module(path: str | os.PathLike) -> Any:
+    """Import a config file (see `find_config`) as a module."""
+    path = find_config(path)
+    spec = importlib.util.spec_from_file_location(f"cvt_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Run the `get_config()` of a Python config file (see configs/; a bare name is looked up there) and apply
+    `key=value` overrides."""
+    module = load_config_module(path)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"get_config() of {path} returned {type(cfg).__name__}, not TrainConfig")
+    return apply_overrides(cfg, overrides)

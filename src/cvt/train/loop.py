@@ -1,0 +1,220 @@
+"""`train(cfg)`: build, resume, then for each epoch train, evaluate, record and save."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..engine import EpochMeter, NonFiniteLossError, evaluate, train_one_epoch
+from .build import Run, build_run, check_options
+from .config import TrainConfig
+from .distributed import DistEnv, setup_env, sync_buffers, teardown_env
+from .rng import deterministic
+from .run_dir import RunDir
+from .state import TrainState, resolve_resume, restore, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume training) as `cfg` says; returns the summary also written to summary.json.
+
+    Under `torchrun` (WORLD_SIZE > 1) this runs data-parallel on every process: DDP, or FSDP2 with `cfg.fsdp`.
+    The process group is created here when none exists, and destroyed at the end.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf; the last checkpoint written before is left as it was.
+    """
+    env = setup_env(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        with deterministic(cfg.deterministic):
+            check_options(cfg, env)
+            resume = resolve_resume(cfg.resume, cfg.output) if cfg.resume is not None else None
+            output = Path(cfg.output)
+            if resume is None and (output / "last.pt").exists():
+                raise ValueError(f"{output} already holds a run (last.pt): resume it or choose another output")
+            run = build_run(cfg, env)
+            state = restore(resume, run, cfg, env) if resume is not None else TrainState()
+            run_dir = RunDir(cfg.output, main=env.main)
+            run_dir.start(cfg.to_dict(), tensorboard=cfg.tensorboard)
+            logger.info(
+                "training %s on %d image(s), %d class(es): %d process(es) x batch %d x accumulation %d = %d, "
+                "lr %.3g, %d step(s) per epoch",
+                cfg.model,
+                len(run.train_ds),
+                len(run.classes),
+                env.world_size,
+                cfg.batch_size,
+                cfg.accum_steps,
+                run.global_batch,
+                run.lr,
+                run.steps_per_epoch,
+            )
+            completed = False
+            try:
+                completed = _epochs(cfg, env, run, state, run_dir)
+            except NonFiniteLossError as err:
+                last = run_dir.path / "last.pt"
+                kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
+                raise _with_note(err, f"training stopped; {kept}") from err
+            finally:
+                run_dir.close(state.history)
+            summary = _summary(cfg, env, run, state, run_dir, completed)
+            run_dir.write_summary(summary)
+            return summary
+    finally:
+        torch.set_num_threads(threads)
+        teardown_env(env)
+
+
+def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir) -> bool:
+    """Train from where `state` stands to the end; False when stopped early by `max_steps`."""
+    while state.epoch < cfg.epochs:
+        if _stop(cfg, state):
+            return False
+        started = time.perf_counter()
+        result = train_one_epoch(
+            run.model,
+            _epoch_batches(cfg, run, state),
+            run.optimizer,
+            criterion=run.criterion,
+            epoch=state.epoch,
+            steps_per_epoch=run.steps_per_epoch,
+            scheduler=run.scheduler,
+            device=env.device,
+            mixup=run.mixup,
+            amp_dtype=run.amp_dtype,
+            scaler=run.scaler,
+            accum_steps=cfg.accum_steps,
+            clip_grad=cfg.clip_grad,
+            ema=run.ema,
+            ema_source=run.net,
+            channels_last=cfg.channels_last,
+            start_step=state.step,
+            global_step=state.global_step,
+            max_steps=_next_stop(cfg, state.global_step),
+            meter=state.meter,
+            progress=_progress(cfg, env),
+        )
+        state.step, state.global_step = result.step, result.global_step
+        state.elapsed += time.perf_counter() - started
+        if not result.finished:  # stopped inside the epoch: by max_steps or for a periodic checkpoint
+            save_checkpoint(run_dir.path / "last.pt", run, state, cfg, env)
+            if _stop(cfg, state):
+                logger.info("stopped after %d step(s) (max_steps); resume with --resume", state.global_step)
+                return False
+            continue
+        started = time.perf_counter()
+        row = {
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            "lr": run.scheduler.last_lr,
+            "train_loss": state.meter.loss,
+            "throughput": state.meter.samples / max(state.meter.seconds, 1e-9),
+            "epoch_time": state.meter.seconds,
+        }
+        row.update(_evaluate(cfg, env, run))
+        state.elapsed += time.perf_counter() - started
+        row["elapsed"] = state.elapsed
+        state.history.append(row)
+        top1 = row.get("val_top1")
+        improved = top1 is not None and (state.best["top1"] is None or top1 > state.best["top1"])
+        if improved:
+            state.best = {"top1": top1, "top5": row["val_top5"], "epoch": state.epoch}
+        state.epoch, state.step, state.meter = state.epoch + 1, 0, EpochMeter()
+        run_dir.log_epoch(row, state.history, cfg.epochs)
+        save_checkpoint(run_dir.path / "last.pt", run, state, cfg, env)
+        if improved:
+            save_checkpoint(run_dir.path / "best.pt", run, state, cfg, env, full=False)
+        if _stop(cfg, state) and state.epoch < cfg.epochs:
+            logger.info("stopped after %d step(s) (max_steps); resume with --resume", state.global_step)
+            return False
+    return True
+
+
+def _stop(cfg: TrainConfig, state: TrainState) -> bool:
+    return cfg.max_steps is not None and state.global_step >= cfg.max_steps
+
+
+def _next_stop(cfg: TrainConfig, global_step: int) -> int | None:
+    """The global step at which train_one_epoch must return: max_steps or the next periodic checkpoint."""
+    stops = []
+    if cfg.max_steps is not None:
+        stops.append(cfg.max_steps)
+    if cfg.save_every_steps:
+        stops.append((global_step // cfg.save_every_steps + 1) * cfg.save_every_steps)
+    return min(stops) if stops else None
+
+
+def _epoch_batches(cfg: TrainConfig, run: Run, state: TrainState) -> Any:
+    """The training loader positioned at optimiser step `state.step` of epoch `state.epoch`."""
+    if hasattr(run.train_ds, "set_epoch"):
+        run.train_ds.set_epoch(state.epoch)
+    skip = state.step * cfg.accum_steps
+    if run.sampler is not None:
+        run.sampler.set_epoch(state.epoch, start=skip * cfg.batch_size)
+        return run.train_loader
+    return itertools.islice(iter(run.train_loader), skip, None)  # streaming data: read past the seen batches
+
+
+def _progress(cfg: TrainConfig, env: DistEnv) -> bool:
+    return cfg.progress and env.main and sys.stderr.isatty()
+
+
+def _evaluate(cfg: TrainConfig, env: DistEnv, run: Run) -> dict[str, Any]:
+    """Validation loss and top-1/top-5 (and the EMA's top-1/top-5), over every rank's share."""
+    if run.val_loader is None:
+        return {}
+    sync_buffers(run.net, env)
+    kwargs = {
+        "num_classes": len(run.classes),
+        "device": env.device,
+        "amp_dtype": run.amp_dtype,
+        "channels_last": cfg.channels_last,
+        "progress": _progress(cfg, env),
+    }
+    # FSDP needs the sharded module (its forward gathers parameters); DDP is evaluated unwrapped
+    res = evaluate(run.model if run.fsdp else run.net, run.val_loader, **kwargs)
+    out = {"val_loss": res["loss"], "val_top1": res["top1"], "val_top5": res["top5"]}
+    if run.ema is not None:
+        ema = evaluate(run.ema.module, run.val_loader, **kwargs)
+        out.update(ema_val_top1=ema["top1"], ema_val_top5=ema["top5"])
+    return out
+
+
+def _summary(
+    cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir, completed: bool
+) -> dict[str, Any]:
+    last = state.history[-1] if state.history else {}
+    return {
+        "run_dir": str(run_dir.path),
+        "completed": completed,
+        "epochs": cfg.epochs,
+        "epochs_done": len(state.history),
+        "global_step": state.global_step,
+        "final_top1": last.get("val_top1"),
+        "final_top5": last.get("val_top5"),
+        "final_train_loss": last.get("train_loss"),
+        "best_top1": state.best["top1"],
+        "best_top5": state.best["top5"],
+        "best_epoch": state.best["epoch"],
+        "wall_time_s": state.elapsed,
+        "global_batch": run.global_batch,
+        "lr": run.lr,
+        "world_size": env.world_size,
+    }
+
+
+def _with_note(err: NonFiniteLossError, note: str) -> NonFiniteLossError:
+    new = NonFiniteLossError(err.epoch, err.step, err.global_step, err.value)
+    new.args = (f"{err.args[0]}; {note}",)
+    return new

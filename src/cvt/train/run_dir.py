@@ -1,0 +1,136 @@
+"""The run directory rank 0 writes: config.json, metrics.csv, summary.json, curves.png and TensorBoard events
+(the checkpoints beside them are `state.save_checkpoint`'s)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..fileio import atomic_write, write_json
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "epoch",
+    "global_step",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "ema_val_top1",
+    "ema_val_top5",
+    "throughput",
+    "epoch_time",
+    "elapsed",
+)
+PLOT_EVERY_S = 30  # drawing takes about a second: at most this often, and at the end
+
+
+class RunDir:
+    """The run directory of one process; only the main one (rank 0) writes anything.
+
+    Args:
+        path: the directory.
+        main: whether this process writes.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, main: bool) -> None:
+        self.path, self.main = Path(path), main
+        self.writer: Any = None
+        self._plotted = time.perf_counter()
+
+    def start(self, config: dict[str, Any], *, tensorboard: bool = False) -> None:
+        """Create the directory, write config.json and, with `tensorboard`, open the event writer."""
+        if not self.main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(config, self.path / "config.json")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
+
+            self.writer = SummaryWriter(str(self.path / "tb"))
+
+    def log_epoch(self, row: dict[str, Any], history: list[dict[str, Any]], epochs: int) -> None:
+        """Record a finished epoch: metrics.csv, the curves (now and then), TensorBoard and one log line."""
+        if not self.main:
+            return
+        write_metrics(self.path / "metrics.csv", history)
+        if time.perf_counter() - self._plotted > PLOT_EVERY_S:
+            self._plot(history)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and value is not None:
+                    self.writer.add_scalar(key, value, row["epoch"] + 1)
+            self.writer.flush()
+        val = ""
+        if row.get("val_top1") is not None:
+            val = f"  val loss {row['val_loss']:.4f}  top-1 {row['val_top1']:.2f}  top-5 {row['val_top5']:.2f}"
+        logger.info(
+            "epoch %d/%d  train loss %.4f%s  lr %.3g  %.0f img/s",
+            row["epoch"] + 1,
+            epochs,
+            row["train_loss"],
+            val,
+            row["lr"],
+            row["throughput"],
+        )
+
+    def close(self, history: list[dict[str, Any]]) -> None:
+        """Close TensorBoard and draw the final curves."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.main and history:
+            self._plot(history)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write summary.json."""
+        if self.main:
+            write_json(summary, self.path / "summary.json")
+
+    def _plot(self, history: list[dict[str, Any]]) -> None:
+        plot_curves(history, self.path / "curves.png")
+        self._plotted = time.perf_counter()
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv: one row per epoch, the columns of `CSV_COLUMNS` (empty where a value is missing)."""
+    with atomic_write(path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Loss, accuracy and learning rate per epoch, as a PNG."""
+    import matplotlib  # noqa: PLC0415 - heavy (seconds with pyplot): only when drawing
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    epochs = [row["epoch"] + 1 for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(epochs, [row["train_loss"] for row in history], marker=".", label="train")
+    if any(row.get("val_loss") is not None for row in history):
+        axes[0].plot(epochs, [row.get("val_loss") for row in history], marker=".", label="val")
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].legend()
+    for key in ("val_top1", "val_top5", "ema_val_top1"):
+        if any(row.get(key) is not None for row in history):
+            axes[1].plot(epochs, [row.get(key) for row in history], marker=".", label=key)
+    axes[1].set(title="validation accuracy (%)", xlabel="epoch", ylim=(0, 100))
+    axes[1].legend()
+    axes[2].plot(epochs, [row["lr"] for row in history], marker=".")
+    axes[2].set(title="learning rate (last step of the epoch)", xlabel="epoch")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
