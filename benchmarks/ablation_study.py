@@ -171,6 +171,13 @@ def peers() -> list[dict[str, Any]]:
     return out
 
 
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that finished in `run_dir`, None if it did not (an interrupted run's says so)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    return summary if summary is not None and summary.get("completed") else None
+
+
 def run_one(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run, or read its summary if it finished before; resume it if it was interrupted.
 
@@ -187,12 +194,10 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
                 f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
                 "choose another --out or delete that run directory"
             )
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("completed"):
-            logger.info("%s: done before, final top-1 %.2f", run_dir, summary["final_top1"])
-            return summary
+    summary = finished_summary(run_dir)
+    if summary is not None:
+        logger.info("%s: done before, final top-1 %.2f", run_dir, summary["final_top1"])
+        return summary
     if (run_dir / "last.pt").is_file():
         cfg = dataclasses.replace(cfg, resume="auto")
     start = time.perf_counter()
@@ -279,9 +284,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, peer_rows: list[dic
     ax1.set_xticks(list(xs), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax1.set_ylabel("final val top-1 (%)")
     ax1.set_title("per variant: mean ± std, dots = seeds", fontsize=9)
-    for r in rows:
-        ax2.errorbar(r["gmacs"] * 1e3, r["mean"], yerr=r["std"], fmt="o", capsize=3)
-        ax2.annotate(r["variant"], (r["gmacs"] * 1e3, r["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    markers = "osD^vP*Xph<>"
+    for i, r in enumerate(rows):  # a legend, not labels: several variants cost the same and would overlap
+        ax2.errorbar(r["gmacs"] * 1e3, r["mean"], yerr=r["std"], fmt=markers[i % len(markers)], capsize=3,
+                     label=r["variant"])  # fmt: skip
+    ax2.legend(fontsize=6, ncol=2, loc="best")
     ax2.set_xlabel("MMACs per image")
     ax2.set_ylabel("final val top-1 (%)")
     ax2.set_title("accuracy vs cost", fontsize=9)
@@ -373,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     size = (args.image_size, args.image_size)
+    trained = 0
     for variant in args.variants:
         arch = ablation_config(
             variant, study_base(args.dims, args.depths, args.heads), input_size=size, num_classes=num_classes
         )
         params, macs = model_cost(arch, size)
         for seed in args.seeds:
-            summary = run_one(train_config(args, variant, seed, data))
+            cfg = train_config(args, variant, seed, data)
+            trained += finished_summary(Path(cfg.output)) is None
+            summary = run_one(cfg)
             record["runs"].append(
                 {
                     "variant": variant,
@@ -402,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     wall = (
         f"training wall time {record['train_wall_s'] / 60:.1f} min over {len(record['runs'])} runs "
-        f"({args.threads} thread(s)); this invocation {(time.perf_counter() - started) / 60:.1f} min"
+        f"({args.threads} thread(s)); this invocation {(time.perf_counter() - started) / 60:.1f} min, "
+        f"{trained} run(s) trained, {len(record['runs']) - trained} read back"
     )
     with atomic_write(args.out / "ablations_table.md", "w") as f:
         f.write(f"{table}\n\ndataset: {record['dataset_label']}\n\nbudget: {budget}\n\n{wall}\n\n")

@@ -283,6 +283,7 @@ def test_study_end_to_end(tmp_path):
     stamp = summary.stat().st_mtime_ns
     assert study.main(argv) == 0  # finished runs are read back, not trained again
     assert summary.stat().st_mtime_ns == stamp
+    assert "0 run(s) trained, 2 read back" in (tmp_path / "ablations_table.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):  # a changed budget is not mistaken for a finished run
         study.main([*argv, "--lr", "1e-3"])
 
