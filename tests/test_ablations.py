@@ -232,10 +232,14 @@ def test_study_peers_row_and_options():
     args = study.parse_args(["--dataset", "digits", "--variants", "all"])
     assert args.variants == list_ablations() and len(args.variants) == 11
     assert (args.image_size, str(args.out)) == (32, "runs/ablation_study/digits")
+    assert (args.num_classes, args.train_per_class, args.data_seed) == (None, None, None)  # not recorded as used
     shapes = study.parse_args(["--variants", "kv_stride_1", "cvt_13", "kv_stride_1"])
     assert shapes.variants == ["kv_stride_1", "cvt_13"] and (shapes.image_size, shapes.num_classes) == (48, 4)
+    assert shapes.data_seed == 0
     with pytest.raises(SystemExit):
         study.parse_args(["--dataset", "digits", "--num-classes", "4"])  # the digits have a fixed split
+    with pytest.raises(SystemExit):
+        study.parse_args(["--dataset", "digits", "--data-seed", "1"])
     words = ["--out", "runs/a b", "--seeds", "0", "1"]
     assert shlex.split(study.command_line(words)) == ["python", "benchmarks/ablation_study.py", *words]
 
