@@ -47,7 +47,7 @@ from cvt.ablations import BASELINE, ablation_config, get_ablation, list_ablation
 from cvt.config import CvTConfig
 from cvt.data import make_dataset, make_digits
 from cvt.data.digits import digits_split, load_digits_arrays
-from cvt.fileio import atomic_write
+from cvt.fileio import atomic_write, write_json
 from cvt.flops import model_cost
 from cvt.train import TrainConfig, train
 
@@ -402,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             record["train_wall_s"] = sum(r["wall_time_s"] for r in record["runs"])
-            with atomic_write(args.out / "results.json", "w") as f:
-                json.dump(record, f, indent=1)
+            write_json(record, args.out / "results.json")
     rows = summarise(record["runs"], args.variants)
     table = markdown_table(rows, args.image_size, peer_rows)
     budget = (

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits  # the reference (scikit-learn is in the dev extra)
 
 from cvt.cli import main
-from cvt.data import load_image, make_digits, open_dataset
+from cvt.data import load_image, make_dataset, make_digits, open_dataset
 from cvt.data.digits import digits_split
 
 DIGITS = load_digits()
@@ -97,6 +97,17 @@ def test_bad_arguments_and_foreign_directories(tree, tmp_path):
         make_digits(tmp_path / "full")
     with pytest.raises(ValueError, match="other settings .* overwrite=True"):
         make_digits(tree, image_size=16)
+
+
+def test_the_builders_leave_each_others_trees_alone(tree, tmp_path):
+    before = {name: path.stat().st_mtime_ns for name, path in files(tree).items()}
+    with pytest.raises(ValueError, match=r"holds another dataset \(cvt\.data\.make_digits\); choose another directory"):
+        make_dataset(tree)  # without the check, the shapes generator deleted the digits and drew over them
+    assert {name: path.stat().st_mtime_ns for name, path in files(tree).items()} == before
+    shapes = make_dataset(tmp_path / "s", num_classes=2, train_per_class=1, val_per_class=1, image_size=16)
+    with pytest.raises(ValueError, match=r"holds another dataset \(cvt\.data\.make_dataset\)"):
+        make_digits(shapes, overwrite=True)
+    assert len(open_dataset(shapes, split="train")) == 2
 
 
 def test_missing_scikit_learn_names_what_to_install(tmp_path, monkeypatch):

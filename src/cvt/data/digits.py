@@ -14,20 +14,18 @@ train. That is `n // 5` val images of a class of `n`: 355 val and 1,442 train im
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..fileio import atomic_write
+from ..fileio import write_json
+from .manifest import MANIFEST, prepare_tree
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "dataset.json"
 VERSION = 1  # bumped whenever the files change (split rule, scaling): older trees are rewritten
 VAL_EVERY = 5  # every fifth image of a class goes to val: a fixed 80/20 split
 MAX_LEVEL = 16  # load_digits' grey levels are 0..16 (ink counts of the 4x4 blocks of a 32x32 bitmap)
@@ -109,25 +107,11 @@ def make_digits(
         "split": f"every {VAL_EVERY}th image of each class in load_digits order -> val",
     }
     manifest_path = root / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text("utf-8"))
-        if old.get("generator") != params["generator"]:
-            raise ValueError(f"{root} holds another dataset ({old.get('generator')}); choose another directory")
-        if old.get("complete") and {k: old.get(k) for k in params} == params:
-            logger.info("%s already holds the digits at these settings; nothing to do", root)
-            return root
-        if old.get("complete") and old.get("version") == VERSION and not overwrite:
-            raise ValueError(
-                f"{root} holds the digits at other settings ({ {k: old.get(k) for k in params} }); "
-                "pass overwrite=True (--overwrite) to replace them or choose another directory"
-            )
-        for split in ("train", "val"):
-            shutil.rmtree(root / split, ignore_errors=True)
-    elif root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty and is not a digits tree; choose an empty or new directory")
+    if prepare_tree(root, params, overwrite=overwrite, what="a digits tree"):
+        return root
 
     images, labels = load_digits_arrays()
-    _write_manifest(manifest_path, {**params, "complete": False})
+    write_json({**params, "complete": False}, manifest_path)
     counts = {}
     for split, indices in zip(("train", "val"), digits_split(labels), strict=True):
         for index in indices:
@@ -139,12 +123,6 @@ def make_digits(
 
     classes = [str(c) for c in np.unique(labels)]
     done = {"complete": True, "classes": classes, "images": counts, "sklearn": sklearn.__version__}
-    _write_manifest(manifest_path, {**params, **done})
+    write_json({**params, **done}, manifest_path)
     logger.info("wrote %d train and %d val digits to %s", counts["train"], counts["val"], root)
     return root
-
-
-def _write_manifest(path: Path, content: dict) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
