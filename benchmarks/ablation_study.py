@@ -1,21 +1,31 @@
 """Small-scale accuracy study of the paper's ablations: each variant of a narrow CvT-13, same budget, several seeds.
 
-    .venv/bin/python benchmarks/ablation_study.py --out runs/ablation_study     # ~25-40 min on 2 busy CPU cores
+    .venv/bin/python benchmarks/ablation_study.py --out runs/ablation_study/shapes                    # 33 runs
+    .venv/bin/python benchmarks/ablation_study.py --dataset digits --out runs/ablation_study/digits   # 33 runs
 
-Every variant in `cvt.ablations` (the rows of the paper's Tables 5-8) is applied to a narrow, shallow CvT-13
-(widths 32/64/128, depths 1/1/4) and trained from scratch with `cvt.train.train` on the generated "shapes" dataset
-(`cvt.data.make_dataset`, 64x64 images), with the same recipe, epochs and data for every variant and seed. The
-script writes, under --out:
+Every variant in `cvt.ablations` (the rows of the paper's Tables 5-8; all eleven by default, `--variants` picks some)
+is applied to a narrow, shallow CvT-13 (widths 32/64/128, depths 1/1/2) and trained from scratch with
+`cvt.train.train`, with the same recipe, epochs and data for every variant and seed, on one of two datasets:
 
-    data/                       the generated dataset (made once, reused)
+    shapes   the generated dataset (`cvt.data.make_dataset`, version `cvt.data.synthetic.VERSION`): 4 classes,
+             400 train / 100 val images per class, 48x48
+    digits   scikit-learn's 1,797 real 8x8 handwritten digits (`cvt.data.make_digits`): 10 classes, a fixed
+             stratified 80/20 split (1,442 / 355), upscaled bilinearly to 32x32; scikit-learn's SVC and logistic
+             regression, fit on the raw 8x8 pixels of the same split, are the peers' row
+
+The script writes, under --out:
+
+    data/                       the dataset (made once, reused)
     runs/<variant>/seed<k>/     each training run (config.json, metrics.csv, summary.json, ...)
-    results.json                one record per run: final/best val top-1, params, GMACs, wall time
-    ablations_table.md          mean, spread and cost per variant, beside the paper's ImageNet figures
+    results.json                the command, the dataset's manifest (with its version), one record per run (final and
+                                best val top-1, params, GMACs, wall time), the peers' accuracy
+    ablations_table.md          mean, spread and cost per variant beside the paper's ImageNet figures, the command
     ablations.png               the same as a plot
 
-Finished runs (summary.json present) are not trained again, so a killed study continues where it stopped.
-The result is what it is: a tiny model, a few minutes of CPU and a synthetic 10-class task are far from 300
-ImageNet epochs, so differences of a point or two are within the seed spread; see docs/ablations.md.
+Finished runs (summary.json present) are not trained again, so a killed study continues where it stopped; a run
+directory trained with other settings is an error, not silently reused. The result is what it is: a tiny model, a
+few minutes of CPU and a small 4- or 10-class task are far from 300 ImageNet epochs, so differences of a point or two
+are within the seed spread; see docs/ablations.md.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import statistics
 import sys
 import time
@@ -34,20 +45,17 @@ import torch
 
 from cvt.ablations import BASELINE, ablation_config, get_ablation, list_ablations
 from cvt.config import CvTConfig
-from cvt.data import make_dataset
-from cvt.fileio import atomic_write
+from cvt.data import make_dataset, make_digits
+from cvt.data.digits import digits_split, load_digits_arrays
+from cvt.fileio import atomic_write, write_json
 from cvt.flops import model_cost
 from cvt.train import TrainConfig, train
 
 logger = logging.getLogger("ablation_study")
 
-DEFAULT_VARIANTS = (
-    BASELINE,
-    "pos_embed",
-    "patch_embed",
-    "kv_stride_1",
-    "linear_proj",
-)
+DATASETS = ("shapes", "digits")
+DEFAULT_IMAGE_SIZE = {"shapes": 48, "digits": 32}
+SHAPES_DEFAULTS = {"num_classes": 4, "train_per_class": 400, "val_per_class": 100, "data_seed": 0}
 
 
 def study_base(dims: list[int], depths: list[int], heads: list[int]) -> CvTConfig:
@@ -67,11 +75,12 @@ def model_kwargs(cfg: CvTConfig) -> dict[str, Any]:
 
 
 def train_config(args: argparse.Namespace, variant: str, seed: int, data: Path) -> TrainConfig:
-    """The training run of one (variant, seed): a light recipe sized for two minutes of CPU.
+    """The training run of one (variant, seed): a light recipe sized for a minute or two of CPU.
 
     The paper's recipe (RandAugment, Mixup/CutMix, random erasing, label smoothing, 5 warm-up epochs, cosine to 1e-5)
-    is made for 300 epochs; in 400 steps it leaves every variant near chance, so this uses flips only, no label
-    smoothing, half an epoch of warm-up and a cosine that ends at a fifth of the peak. The same for every variant.
+    is made for 300 epochs; in 400 steps it leaves every variant near chance, so this uses flips only (none on the
+    digits: a mirrored digit is another shape), no label smoothing, half an epoch of warm-up and a cosine that ends at
+    a fifth of the peak. The same for every variant.
     """
     size = args.image_size
     cfg = ablation_config(variant, study_base(args.dims, args.depths, args.heads), input_size=(size, size))
@@ -82,8 +91,9 @@ def train_config(args: argparse.Namespace, variant: str, seed: int, data: Path) 
         input_size=size,
         crop_mode="squash",  # the images are already `size` pixels: evaluate them whole
         crop_pct=1.0,
-        scale=(1.0, 1.0),  # no crop: only flips; augmentation slows learning more than it helps at this budget
+        scale=(1.0, 1.0),  # no crop: augmentation slows learning more than it helps at this budget
         ratio=(1.0, 1.0),
+        hflip=0.0 if args.dataset == "digits" else 0.5,
         auto_augment=None,
         color_jitter=0.0,
         re_prob=0.0,
@@ -92,6 +102,7 @@ def train_config(args: argparse.Namespace, variant: str, seed: int, data: Path) 
         label_smoothing=0.0,
         batch_size=args.batch_size,
         num_workers=args.workers,
+        num_threads=args.threads,
         lr=args.lr,
         weight_decay=0.05,
         epochs=args.epochs,
@@ -106,15 +117,87 @@ def train_config(args: argparse.Namespace, variant: str, seed: int, data: Path) 
     )
 
 
+def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Make (or find) the study's dataset under `args.out / "data"`; return its root and its manifest."""
+    root = args.out / "data"
+    if args.dataset == "digits":
+        make_digits(root, image_size=args.image_size)
+    else:
+        make_dataset(
+            root,
+            num_classes=args.num_classes,
+            train_per_class=args.train_per_class,
+            val_per_class=args.val_per_class,
+            image_size=args.image_size,
+            seed=args.data_seed,
+        )
+    return root, json.loads((root / "dataset.json").read_text("utf-8"))
+
+
+def dataset_label(manifest: dict[str, Any]) -> str:
+    """The dataset in one line, its generator's version included, from the manifest its builder wrote."""
+    size = manifest["image_size"]
+    if manifest["generator"] == "cvt.data.make_digits":
+        images = manifest["images"]
+        return (
+            f"digits v{manifest['version']} (`cvt.data.make_digits`: scikit-learn {manifest['sklearn']} load_digits, "
+            f"{len(manifest['classes'])} classes, {images['train']} train / {images['val']} val, fixed split, "
+            f"8 -> {size} px {manifest['resample']})"
+        )
+    return (
+        f"shapes v{manifest['version']} (`cvt.data.make_dataset`: {manifest['num_classes']} classes x "
+        f"{manifest['train_per_class']} train / {manifest['val_per_class']} val at {size} px, seed {manifest['seed']})"
+    )
+
+
+def peers() -> list[dict[str, Any]]:
+    """scikit-learn's SVC and logistic regression on the digits' split, fit on the raw 8x8 pixels (levels 0-16)."""
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 (optional dependency)
+    from sklearn.svm import SVC  # noqa: PLC0415
+
+    images, labels = load_digits_arrays()
+    features = images.reshape(len(images), -1)
+    train_idx, val_idx = digits_split(labels)
+    out = []
+    for name, model in (
+        ("scikit-learn SVC (RBF, C=1, gamma='scale')", SVC()),
+        ("scikit-learn LogisticRegression (L2, C=1)", LogisticRegression(max_iter=10_000)),
+    ):
+        start = time.perf_counter()
+        model.fit(features[train_idx], labels[train_idx])
+        top1 = 100.0 * float((model.predict(features[val_idx]) == labels[val_idx]).mean())
+        out.append({"name": name, "val_top1": top1, "fit_s": time.perf_counter() - start})
+        logger.info("peer %s: val top-1 %.2f", name, top1)
+    return out
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that finished in `run_dir`, None if it did not (an interrupted run's says so)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    return summary if summary is not None and summary.get("completed") else None
+
+
 def run_one(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one run, or read its summary if it finished before; resume it if it was interrupted."""
+    """Train one run, or read its summary if it finished before; resume it if it was interrupted.
+
+    Raises:
+        SystemExit: the run directory holds a run with other settings (a changed budget, another dataset).
+    """
     run_dir = Path(cfg.output)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("completed"):
-            logger.info("%s: done before, final top-1 %.2f", run_dir, summary["final_top1"])
-            return summary
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        old, new = json.loads(saved.read_text()), cfg.to_dict()
+        changed = sorted(k for k in new.keys() | old.keys() if k != "resume" and old.get(k) != new.get(k))
+        if changed:
+            raise SystemExit(
+                f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
+                "choose another --out or delete that run directory"
+            )
+    summary = finished_summary(run_dir)
+    if summary is not None:
+        logger.info("%s: done before, final top-1 %.2f", run_dir, summary["final_top1"])
+        return summary
     if (run_dir / "last.pt").is_file():
         cfg = dataclasses.replace(cfg, resume="auto")
     start = time.perf_counter()
@@ -152,8 +235,8 @@ def _paper(variant: str) -> str:
     return ", ".join(f"{r.table[6:]}{r.row}: {r.top1}" for r in rows) if rows else "-"
 
 
-def markdown_table(rows: list[dict[str, Any]], image_size: int) -> str:
-    """The study's result as a markdown table, with the paper's ImageNet top-1 beside it."""
+def markdown_table(rows: list[dict[str, Any]], image_size: int, peer_rows: list[dict[str, Any]] = ()) -> str:
+    """The study's result as a markdown table, with the paper's ImageNet top-1 beside it and the peers below."""
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     head = (
         "| variant | val top-1 (mean ± std) | min-max | Δ vs cvt_13 | best-epoch top-1 | params | "
@@ -167,17 +250,23 @@ def markdown_table(rows: list[dict[str, Any]], image_size: int) -> str:
             f"| {r['best_mean']:.1f} | {r['params']:,} | {r['gmacs'] * 1e3:.1f} | {r['wall_s']:.0f} s "
             f"| {_paper(r['variant'])} |"
         )
+    for p in peer_rows:
+        delta = "-" if base is None else f"{p['val_top1'] - base['mean']:+.1f}"
+        lines.append(
+            f"| peer: {p['name']}, raw 8x8 pixels | {p['val_top1']:.1f} (deterministic) | - | {delta} | - | - | - "
+            f"| {p['fit_s']:.1f} s | - |"
+        )
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Final val top-1 per variant (mean, std, each seed) and against GMACs, as a PNG."""
+def plot(rows: list[dict[str, Any]], path: Path, title: str, peer_rows: list[dict[str, Any]] = ()) -> None:
+    """Final val top-1 per variant (mean, std, each seed) and against GMACs, the peers as lines, as a PNG."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3, 2]})
     xs = range(len(rows))
     for x, r in zip(xs, rows, strict=True):
         color = "tab:blue" if r["variant"] == BASELINE else "tab:gray"
@@ -186,40 +275,64 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     if base is not None:
         ax1.axhline(base["mean"], color="tab:blue", lw=0.8, ls="--")
-    ax1.margins(x=0.08)
+    for p, color in zip(peer_rows, ("tab:green", "tab:orange"), strict=False):
+        for ax in (ax1, ax2):
+            ax.axhline(p["val_top1"], color=color, lw=0.8, ls=":", label=f"{p['name'].split(' (')[0]}")
+    if peer_rows:
+        ax1.legend(fontsize=7, loc="lower right")
+    ax1.margins(x=0.04)
     ax1.set_xticks(list(xs), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax1.set_ylabel("final val top-1 (%)")
     ax1.set_title("per variant: mean ± std, dots = seeds", fontsize=9)
-    for r in rows:
-        ax2.errorbar(r["gmacs"], r["mean"], yerr=r["std"], fmt="o", capsize=3)
-        ax2.annotate(r["variant"], (r["gmacs"], r["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax2.set_xlabel("GMACs per image")
+    markers = "osD^vP*Xph<>"
+    for i, r in enumerate(rows):  # a legend, not labels: several variants cost the same and would overlap
+        ax2.errorbar(r["gmacs"] * 1e3, r["mean"], yerr=r["std"], fmt=markers[i % len(markers)], capsize=3,
+                     label=r["variant"])  # fmt: skip
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: inside it hid points
+    ax2.set_xlabel("MMACs per image")
     ax2.set_ylabel("final val top-1 (%)")
     ax2.set_title("accuracy vs cost", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+def command_line(argv: list[str]) -> str:
+    """The command that reruns this study, as typed in the repository root."""
+    return shlex.join(["python", "benchmarks/ablation_study.py", *argv])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    names = list_ablations()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/ablation_study"), help="output directory")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/ablation_study/<dataset>)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="shapes",
+        help="shapes: the generated dataset; digits: scikit-learn's handwritten digits (needs scikit-learn)",
+    )
     p.add_argument(
         "--variants",
         nargs="+",
-        default=list(DEFAULT_VARIANTS),
-        choices=list_ablations(),
+        default=["all"],
+        choices=["all", *names],
         metavar="NAME",
-        help=f"ablations to train (default: {' '.join(DEFAULT_VARIANTS)}; all: {' '.join(list_ablations())})",
+        help=f"ablations to train (default: all, i.e. {' '.join(names)})",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (model init, data order)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs per run")
-    p.add_argument("--num-classes", type=int, default=4, help="classes of the generated dataset")
-    p.add_argument("--train-per-class", type=int, default=400, help="training images per class")
-    p.add_argument("--val-per-class", type=int, default=100, help="validation images per class")
-    p.add_argument("--image-size", type=int, default=48, help="image side (the model trains at this size)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset (the same for all runs)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the generated dataset (shapes; 4)")
+    p.add_argument("--train-per-class", type=int, default=None, help="training images per class (shapes; 400)")
+    p.add_argument("--val-per-class", type=int, default=None, help="validation images per class (shapes; 100)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side, the model trains at this size (default: shapes 48, digits 32)",
+    )
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the generated dataset (shapes; 0)")
     p.add_argument("--dims", type=int, nargs=3, default=[32, 64, 128], help="stage widths")
     p.add_argument("--depths", type=int, nargs=3, default=[1, 1, 2], help="blocks per stage")
     p.add_argument("--heads", type=int, nargs=3, default=[1, 2, 4], help="attention heads per stage")
@@ -233,32 +346,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="torch CPU threads (1: on a shared machine more threads than free cores is far slower)",
     )
-    return p.parse_args(argv)  # fmt: skip
+    args = p.parse_args(argv)  # fmt: skip
+    shapes_only = [f"--{k.replace('_', '-')}" for k in SHAPES_DEFAULTS if getattr(args, k) is not None]
+    if args.dataset == "digits" and shapes_only:
+        p.error(f"{', '.join(shapes_only)} only apply to --dataset shapes (the digits have a fixed split)")
+    for key, default in SHAPES_DEFAULTS.items():  # left None for the digits: results.json records no unused value
+        if args.dataset == "shapes" and getattr(args, key) is None:
+            setattr(args, key, default)
+    args.variants = names if "all" in args.variants else list(dict.fromkeys(args.variants))
+    args.image_size = args.image_size or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.out = args.out or Path("runs/ablation_study") / args.dataset
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    data = make_dataset(
-        args.out / "data",
-        num_classes=args.num_classes,
-        train_per_class=args.train_per_class,
-        val_per_class=args.val_per_class,
-        image_size=args.image_size,
-        seed=args.data_seed,
-    )
+    command = command_line(argv)
+    data, manifest = prepare_data(args)
+    num_classes = len(manifest["classes"])
+    peer_rows = peers() if args.dataset == "digits" else []
+    record = {
+        "command": command,
+        "dataset": manifest,
+        "dataset_label": dataset_label(manifest),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "peers": peer_rows,
+        "runs": [],
+    }
     size = (args.image_size, args.image_size)
-    results = []
+    trained = 0
     for variant in args.variants:
         arch = ablation_config(
-            variant, study_base(args.dims, args.depths, args.heads), input_size=size, num_classes=args.num_classes
+            variant, study_base(args.dims, args.depths, args.heads), input_size=size, num_classes=num_classes
         )
         params, macs = model_cost(arch, size)
         for seed in args.seeds:
-            summary = run_one(train_config(args, variant, seed, data))
-            results.append(
+            cfg = train_config(args, variant, seed, data)
+            trained += finished_summary(Path(cfg.output)) is None
+            summary = run_one(cfg)
+            record["runs"].append(
                 {
                     "variant": variant,
                     "seed": seed,
@@ -269,20 +401,27 @@ def main(argv: list[str] | None = None) -> int:
                     "gmacs": macs / 1e9,
                 }
             )
-            with atomic_write(args.out / "results.json", "w") as f:
-                json.dump({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results}, f, indent=1)
-    rows = summarise(results, args.variants)
-    table = markdown_table(rows, args.image_size)
+            record["train_wall_s"] = sum(r["wall_time_s"] for r in record["runs"])
+            write_json(record, args.out / "results.json")
+    rows = summarise(record["runs"], args.variants)
+    table = markdown_table(rows, args.image_size, peer_rows)
     budget = (
-        f"{args.num_classes} classes x {args.train_per_class} train / {args.val_per_class} val images at "
-        f"{args.image_size}px, {args.epochs} epochs, seeds {', '.join(map(str, args.seeds))}; "
-        f"CvT-13 layout at widths {'/'.join(map(str, args.dims))}, depths {'/'.join(map(str, args.depths))}"
+        f"{args.epochs} epochs at batch {args.batch_size}, seeds {', '.join(map(str, args.seeds))}; CvT-13 layout "
+        f"at widths {'/'.join(map(str, args.dims))}, depths {'/'.join(map(str, args.depths))}"
+    )
+    wall = (
+        f"training wall time {record['train_wall_s'] / 60:.1f} min over {len(record['runs'])} runs "
+        f"({args.threads} thread(s)); this invocation {(time.perf_counter() - started) / 60:.1f} min, "
+        f"{trained} run(s) trained, {len(record['runs']) - trained} read back"
     )
     with atomic_write(args.out / "ablations_table.md", "w") as f:
-        f.write(f"{table}\n\n{budget}\n")
-    plot(rows, args.out / "ablations.png", f"CvT ablations, small scale: {budget}")
+        f.write(f"{table}\n\ndataset: {record['dataset_label']}\n\nbudget: {budget}\n\n{wall}\n\n")
+        f.write(f"command: `{command}`\n")
+    title = f"CvT ablations, small scale: {record['dataset_label']}\n{budget}"
+    plot(rows, args.out / "ablations.png", title, peer_rows)
     print(table)
-    print(f"\n{budget}\nwrote {args.out / 'ablations_table.md'} and {args.out / 'ablations.png'}")
+    print(f"\ndataset: {record['dataset_label']}\nbudget: {budget}\n{wall}\ncommand: {command}")
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'ablations_table.md'} and {args.out / 'ablations.png'}")
     return 0
 
 

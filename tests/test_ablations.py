@@ -219,19 +219,89 @@ def test_study_summary_and_table():
     assert table[3].startswith("| linear_proj | 51.0 ± 1.7 | 50.0-53.0 | -19.0 | 52.0 | 5 | 2.0 | 20 s | 8a: 80.6 |")
 
 
+def test_study_peers_row_and_options():
+    study = _study_module()
+    base = {"variant": "cvt_13", "mean": 97.0, "std": 0.5, "min": 96.5, "max": 97.5, "best_mean": 97.2}
+    base.update(params=5, gmacs=0.004, wall_s=20.0)
+    peer = {"name": "scikit-learn SVC (RBF, C=1, gamma='scale')", "val_top1": 350 / 355 * 100, "fit_s": 0.06}
+    table = study.markdown_table([base], 32, [peer]).splitlines()
+    assert table[3] == (
+        "| peer: scikit-learn SVC (RBF, C=1, gamma='scale'), raw 8x8 pixels | 98.6 (deterministic) | - | +1.6 "
+        "| - | - | - | 0.1 s | - |"
+    )
+    args = study.parse_args(["--dataset", "digits", "--variants", "all"])
+    assert args.variants == list_ablations() and len(args.variants) == 11
+    assert (args.image_size, str(args.out)) == (32, "runs/ablation_study/digits")
+    assert (args.num_classes, args.train_per_class, args.data_seed) == (None, None, None)  # not recorded as used
+    shapes = study.parse_args(["--variants", "kv_stride_1", "cvt_13", "kv_stride_1"])
+    assert shapes.variants == ["kv_stride_1", "cvt_13"] and (shapes.image_size, shapes.num_classes) == (48, 4)
+    assert shapes.data_seed == 0
+    with pytest.raises(SystemExit):
+        study.parse_args(["--dataset", "digits", "--num-classes", "4"])  # the digits have a fixed split
+    with pytest.raises(SystemExit):
+        study.parse_args(["--dataset", "digits", "--data-seed", "1"])
+    words = ["--out", "runs/a b", "--seeds", "0", "1"]
+    assert shlex.split(study.command_line(words)) == ["python", "benchmarks/ablation_study.py", *words]
+
+
+def test_study_refuses_a_run_directory_with_other_settings(tmp_path):
+    study = _study_module()
+    args = study.parse_args(["--out", str(tmp_path), "--epochs", "3"])
+    cfg = study.train_config(args, "cvt_13", 0, tmp_path / "data")
+    run_dir = Path(cfg.output)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "epochs": 8}))
+    (run_dir / "summary.json").write_text(json.dumps({"completed": True, "final_top1": 50.0}))
+    with pytest.raises(SystemExit, match=r"seed0 holds a run with other settings \(epochs\); choose another --out"):
+        study.run_one(cfg)
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": "auto"}))
+    assert study.run_one(cfg)["final_top1"] == 50.0  # the same run, finished: read back, not trained
+
+
+def _check_study_output(out, variants, seeds):
+    record = json.loads((out / "results.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in record["runs"]] == [(v, s) for v in variants for s in seeds]
+    assert all(0.0 <= r["final_top1"] <= 100.0 and r["wall_time_s"] > 0 for r in record["runs"])
+    assert record["train_wall_s"] == pytest.approx(sum(r["wall_time_s"] for r in record["runs"]))
+    table = (out / "ablations_table.md").read_text()
+    assert all(f"| {v} |" in table for v in variants)
+    assert f"command: `{record['command']}`" in table and f"dataset: {record['dataset_label']}" in table
+    assert (out / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return record, table
+
+
 @pytest.mark.slow
 def test_study_end_to_end(tmp_path):
+    from cvt.data.synthetic import VERSION
+
     study = _study_module()
     argv = ["--out", str(tmp_path), "--variants", "cvt_13", "kv_stride_1", "--seeds", "0", "--epochs", "1"]
     argv += ["--num-classes", "2", "--train-per-class", "8", "--val-per-class", "4", "--image-size", "32"]
     argv += ["--batch-size", "8"]
     assert study.main(argv) == 0
-    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert [(r["variant"], r["seed"]) for r in runs] == [("cvt_13", 0), ("kv_stride_1", 0)]
-    assert all(0.0 <= r["final_top1"] <= 100.0 for r in runs)
-    assert "| kv_stride_1 |" in (tmp_path / "ablations_table.md").read_text()
-    assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record, table = _check_study_output(tmp_path, ["cvt_13", "kv_stride_1"], [0])
+    assert record["command"] == "python benchmarks/ablation_study.py " + shlex.join(argv)
+    assert record["dataset"]["version"] == VERSION and f"shapes v{VERSION} " in table
+    assert record["peers"] == [] and "peer:" not in table
     summary = tmp_path / "runs" / "cvt_13" / "seed0" / "summary.json"
     stamp = summary.stat().st_mtime_ns
     assert study.main(argv) == 0  # finished runs are read back, not trained again
     assert summary.stat().st_mtime_ns == stamp
+    assert "0 run(s) trained, 2 read back" in (tmp_path / "ablations_table.md").read_text()
+    with pytest.raises(SystemExit, match="other settings"):  # a changed budget is not mistaken for a finished run
+        study.main([*argv, "--lr", "1e-3"])
+
+
+@pytest.mark.slow
+def test_study_end_to_end_on_digits(tmp_path):
+    study = _study_module()
+    argv = ["--dataset", "digits", "--out", str(tmp_path), "--variants", "linear_proj", "--seeds", "0", "1"]
+    argv += ["--epochs", "1", "--image-size", "16", "--dims", "16", "32", "64", "--depths", "1", "1", "1"]
+    argv += ["--heads", "1", "1", "2", "--batch-size", "64"]
+    assert study.main(argv) == 0
+    record, table = _check_study_output(tmp_path, ["linear_proj"], [0, 1])
+    assert record["dataset"]["generator"] == "cvt.data.make_digits" and record["dataset"]["version"] == 1
+    assert record["dataset"]["images"] == {"train": 1442, "val": 355}
+    # scikit-learn's classifiers on the raw 8x8 pixels of the fixed split: 350 and 339 of 355 val images right
+    assert [round(p["val_top1"], 2) for p in record["peers"]] == [98.59, 95.49]
+    assert "| peer: scikit-learn SVC" in table and "| peer: scikit-learn LogisticRegression" in table

@@ -69,6 +69,10 @@ def test_refuses_foreign_directories_and_bad_arguments(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ValueError, match="is not empty and is not a generated dataset"):
         make_dataset(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.dataset\.json is not a readable dataset manifest .*; delete it"):
+        make_dataset(tmp_path / "bad")
     with pytest.raises(ValueError, match=f"num_classes must be between 2 and {MAX_CLASSES}"):
         make_dataset(tmp_path / "x", num_classes=1)
     with pytest.raises(ValueError, match="image_size must be at least 16"):

@@ -1,5 +1,5 @@
 """Data: datasets (folder, CSV list, tar shards), robust decoding, the authors' augmentation recipe, Mixup/CutMix,
-and a generated dataset.
+a generated dataset, and scikit-learn's digits as image files.
 
     from cvt.data import open_dataset, create_train_transform, Mixup, SoftTargetCrossEntropy
     train = open_dataset("data/shapes", split="train", transform=create_train_transform(64))
@@ -8,6 +8,7 @@ and a generated dataset.
 from .auto_augment import RandAugment, RandAugmentConfig, rand_augment_transform
 from .datasets import FolderDataset, ImageDataset, ListDataset, open_dataset
 from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImageError, is_image_file, load_image
+from .digits import make_digits
 from .mixup import Mixup, SoftTargetCrossEntropy, one_hot_smooth
 from .seeding import rng_scope, sample_seed
 from .shards import TarShardDataset, expand_braces, expand_shards, write_shards
@@ -44,6 +45,7 @@ __all__ = [
     "is_image_file",
     "load_image",
     "make_dataset",
+    "make_digits",
     "one_hot_smooth",
     "open_dataset",
     "rand_augment_transform",

@@ -18,11 +18,9 @@ the number of processes, and `make_dataset` can be called again on a finished di
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,10 +29,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..fileio import write_json
+from .manifest import MANIFEST, prepare_tree
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "dataset.json"
 VERSION = 3  # bumped whenever the drawing changes: older datasets are redrawn
 SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down: smooth, anti-aliased edges
 
@@ -289,20 +287,8 @@ def make_dataset(
         "seed": seed,
     }
     manifest_path = root / MANIFEST
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text("utf-8"))
-        if old.get("complete") and {k: old.get(k) for k in params} == params:
-            logger.info("%s already holds this dataset; nothing to do", root)
-            return root
-        if old.get("complete") and old.get("version") == VERSION and not overwrite:
-            raise ValueError(
-                f"{root} holds a generated dataset with other arguments ({ {k: old.get(k) for k in params} }); "
-                "pass overwrite=True (--overwrite) to replace it or choose another directory"
-            )
-        for split in ("train", "val"):
-            shutil.rmtree(root / split, ignore_errors=True)
-    elif root.exists() and any(root.iterdir()):
-        raise ValueError(f"{root} is not empty and is not a generated dataset; choose an empty or new directory")
+    if prepare_tree(root, params, overwrite=overwrite, what="a generated dataset"):
+        return root
 
     write_json({**params, "complete": False}, manifest_path)
     jobs = [
