@@ -10,7 +10,7 @@ from .model import CvT
 from .optimize import optimize_for_inference
 from .variants import list_models, model_config
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "CvT",

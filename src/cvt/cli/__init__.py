@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 
+from cvt import __version__
 from cvt.allocator import keep_freed_memory
 
 # the commands that own a compute-heavy process keep freed memory for reuse (see cvt.allocator)
@@ -30,6 +31,7 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvt", description="CvT: Convolutional vision Transformer.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
