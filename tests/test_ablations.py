@@ -169,14 +169,14 @@ def test_train_flags_rebuild_the_ablation(name):
     # the flags `cvt ablations --train-commands` prints, read back by a shell and by `cvt train`'s override parser
     words = shlex.split(" ".join(train_overrides(name)))
     assert words[::2] == ["--set"] * (len(words) // 2)
-    cfg = apply_overrides(load_config(Path(__file__).parents[1] / "configs" / "cvt_13_224.py"), words[1::2])
+    cfg = apply_overrides(load_config("cvt_13_224"), words[1::2])
     assert model_config(cfg.model, **cfg.model_kwargs) == ablation_config(name)
 
 
 def test_cli_train_commands(capsys):
     assert main(["ablations", "--train-commands", "--only", "kv_stride_1"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].endswith("--config configs/cvt_13_224.py --data /data/imagenet --output runs/ablations/cvt_13")
+    assert out[1].endswith("--config cvt_13_224 --data /data/imagenet --output runs/ablations/cvt_13")
     assert out[3].endswith("--output runs/ablations/kv_stride_1 --set model_kwargs.stride_kv=1")
 
 

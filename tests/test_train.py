@@ -10,7 +10,7 @@ import torch
 import cvt
 from cvt.data import make_dataset
 from cvt.engine import NonFiniteLossError
-from cvt.train import TrainConfig, apply_overrides, load_config, rng_state, set_rng_state, train
+from cvt.train import TrainConfig, apply_overrides, find_config, load_config, rng_state, set_rng_state, train
 
 TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
 
@@ -56,8 +56,7 @@ def test_config_overrides():
                                   "finetune_384", "demo"])  # fmt: skip
 def test_paper_configs_load(name):
     cfg = load_config(name)
-    path = __import__("pathlib").Path(__file__).parents[1] / "configs" / f"{name}.py"
-    head = path.read_text().split('"""')[1]
+    head = find_config(name).read_text().split('"""')[1]
     assert "cvt " in head and "%" in head  # the command that runs it and the result to expect
     if name != "demo":
         assert cfg.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.re_prob == 0.25 and cfg.label_smoothing == 0.1
@@ -68,6 +67,32 @@ def test_paper_configs_load(name):
         assert cfg.input_size == 384 and cfg.crop_mode == "squash"
     if name == "finetune_384":
         assert cfg.optimizer == "sgd" and cfg.momentum == 0.9 and cfg.batch_size * 8 == 512
+
+
+def test_configs_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here, nor a checkout above
+    for spec in ("demo", "demo.py", "configs/demo.py"):
+        assert find_config(spec).parent.name == "configs" and find_config(spec).name == "demo.py"
+        assert load_config(spec).model_kwargs["dims"] == [32, 64, 128]
+    own = write_config(tmp_path / "demo.py", tiny_config("x", "y", epochs=2), "cvt train --config demo.py", "none.")
+    assert find_config("demo.py") == own.relative_to(tmp_path)  # a user's own file wins over the shipped name
+    assert load_config("demo.py").epochs == 2
+    with pytest.raises(FileNotFoundError, match=r"config nodir/demo.py not found.*'cvt_13_224'"):
+        load_config("nodir/demo.py")
+
+
+def test_cvt_configs_lists_the_paper_figures(capsys):
+    from cvt.cli import main
+
+    assert main(["configs"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert sorted(rows) == ["cvt_13_224", "cvt_13_384", "cvt_21_224", "cvt_21_384", "cvt_w24_384", "demo",
+                            "finetune_384"]  # fmt: skip
+    # the paper's ImageNet-1k top-1 (SPEC.md, Training recipe)
+    for name, top1 in [("cvt_13_224", "81.6%"), ("cvt_13_384", "83.0%"), ("cvt_21_224", "82.5%"),
+                       ("cvt_21_384", "83.3%"), ("cvt_w24_384", "87.7%")]:  # fmt: skip
+        assert f"| {top1} top-1" in rows[name], rows[name]
+    assert "| cvt_13_224 | cvt_13 | 224 | 300 |" in rows["cvt_13_224"]
 
 
 def test_rng_state_round_trip():
@@ -159,7 +184,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
 
 
 def write_config(path, cfg: TrainConfig, command: str, result: str, extra: str = ""):
-    """A config file as configs/ holds them: docstring with the command and the result, then `get_config()`."""
+    """A config file as cvt/configs/ holds them: docstring with the command and the result, then `get_config()`."""
     path.write_text(
         f'"""A tiny run.\n\n    {command}\n\nResult: {result}\n"""\n'
         "from cvt.train import TrainConfig\n\n\n"

@@ -87,7 +87,7 @@ def train_commands(only: list[str] | None = None, data: str = "/data/imagenet") 
         flags = " ".join(train_overrides(ablation.name))
         lines.append(f"# {ablation.name}: {ablation.description}")
         lines.append(
-            f"torchrun --nproc-per-node 8 -m cvt train --config configs/cvt_13_224.py --data {data} "
+            f"torchrun --nproc-per-node 8 -m cvt train --config cvt_13_224 --data {data} "
             f"--output runs/ablations/{ablation.name}" + (f" {flags}" if flags else "")
         )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """`cvt demo`: the main job end to end on a generated dataset.
 
-Generate the shapes dataset (data/demo, once), train the small CvT of configs/demo.py, evaluate its best
+Generate the shapes dataset (data/demo, once), train the small CvT of the shipped `demo` config, evaluate its best
 checkpoint with the evaluation protocol it recorded, classify a few validation images, and say where the run
 directory and its plots are.
 """
@@ -23,7 +23,7 @@ TARGET_TOP1 = 90.0
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the main job: generate data, train a small CvT, evaluate, predict")
-    p.add_argument("--config", default="demo", help="config file or name in configs/ (default: demo)")
+    p.add_argument("--config", default="demo", help="config file or the name of a shipped one (default: demo)")
     p.add_argument("--data", default=None, help="dataset folder (default: the config's, data/demo); made if absent")
     p.add_argument("--output", default=None, help="run directory (default: runs/demo-<date>-<time>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,4 +1,5 @@
-"""`cvt train`: run a training config (configs/*.py), on one process or under torchrun."""
+"""`cvt train`: run a training config (a shipped one by name, or a file), on one process or under torchrun;
+`cvt configs`: the shipped configs."""
 
 from __future__ import annotations
 
@@ -7,17 +8,26 @@ import json
 import os
 
 from cvt.checkpoint import read_training_checkpoint
-from cvt.train import TrainConfig, apply_overrides, load_config, resolve_resume, train
+from cvt.train import (
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    load_config_module,
+    resolve_resume,
+    shipped_configs,
+    train,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train a model from a config file (runs data-parallel under torchrun)",
-        description="Train a CvT with a config from configs/. Under `torchrun --nproc-per-node N` the same "
+        description="Train a CvT with a config: a shipped one by name (`cvt configs` lists them) or a file. "
+        "Under `torchrun --nproc-per-node N` the same "
         "command runs data-parallel (DDP; --set fsdp=True shards the model).",
     )
-    p.add_argument("--config", help="config file, or the name of one in configs/ (e.g. cvt_13_224, demo)")
+    p.add_argument("--config", help="config file, or the name of a shipped one (e.g. cvt_13_224, demo; `cvt configs`)")
     p.add_argument("--data", help="dataset (overrides the config's `data`)")
     p.add_argument(
         "--set",
@@ -32,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "run's own config is used")  # fmt: skip
     p.add_argument("--output", help="run directory (overrides the config's `output`)")
     p.set_defaults(func=run)
+
+    p = subparsers.add_parser("configs", help="list the shipped training configs with the paper's figures",
+                              description="The configs shipped with the package, usable by name from any "
+                              "directory: `cvt train --config NAME`.")  # fmt: skip
+    p.set_defaults(func=run_configs)
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -61,4 +76,14 @@ def run(args: argparse.Namespace) -> int:
     summary = train(build_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_configs(args: argparse.Namespace) -> int:
+    print("| config | model | input | epochs | paper |")
+    print("|---|---|---|---|---|")
+    for name in shipped_configs():
+        module = load_config_module(name)
+        cfg = module.get_config()
+        print(f"| {name} | {cfg.model} | {cfg.input_size} | {cfg.epochs} | {module.PAPER_RESULT} |")
     return 0

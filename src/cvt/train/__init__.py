@@ -25,7 +25,15 @@ one (CPU, `deterministic=True`).
     loop         train(cfg) and the epoch loop
 """
 
-from .config import AMP_MODES, TrainConfig, apply_overrides, find_config, load_config, load_config_module
+from .config import (
+    AMP_MODES,
+    TrainConfig,
+    apply_overrides,
+    find_config,
+    load_config,
+    load_config_module,
+    shipped_configs,
+)
 from .distributed import ResumableSampler
 from .loop import train
 from .rng import rng_state, set_rng_state
@@ -44,5 +52,6 @@ __all__ = [
     "resolve_resume",
     "rng_state",
     "set_rng_state",
+    "shipped_configs",
     "train",
 ]

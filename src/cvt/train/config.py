@@ -1,4 +1,4 @@
-"""The training run's configuration: `TrainConfig`, `key=value` overrides, and Python config files (configs/*.py)."""
+"""The training run's configuration: `TrainConfig`, `key=value` overrides, and Python config files (cvt/configs/)."""
 
 from __future__ import annotations
 
@@ -201,17 +201,28 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
+def _shipped_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "configs"  # cvt/configs/, inside the installed package
+
+
+def shipped_configs() -> list[str]:
+    """Names of the config files shipped with the package, sorted."""
+    return sorted(p.stem for p in _shipped_dir().glob("*.py") if not p.name.startswith("_"))
+
+
 def find_config(spec: str | os.PathLike) -> Path:
-    """A config file: `spec` itself, or `configs/<spec>.py` in the working directory or the source checkout."""
+    """A config file: `spec` itself when it is a file, else the shipped config of that name (`cvt_13_224`,
+    `demo.py` or, as older commands wrote it, `configs/demo.py`), from any working directory."""
     path = Path(spec)
     if path.is_file():
         return path
-    name = path.name if path.suffix == ".py" else f"{path.name}.py"
-    for root in (Path.cwd(), Path(__file__).resolve().parents[3]):
-        candidate = root / "configs" / name
+    if path.parent in (Path("."), Path("configs")):
+        candidate = _shipped_dir() / f"{path.stem if path.suffix == '.py' else path.name}.py"
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"config {spec} not found (neither a file nor configs/{name})")
+    raise FileNotFoundError(
+        f"config {spec} not found: neither a file nor one of the shipped configs {shipped_configs()} (`cvt configs`)"
+    )
 
 
 def load_config_module(path: str | os.PathLike) -> Any:
@@ -224,7 +235,7 @@ def load_config_module(path: str | os.PathLike) -> Any:
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Run the `get_config()` of a Python config file (see configs/; a bare name is looked up there) and apply
+    """Run the `get_config()` of a Python config file (a bare name is one of the shipped configs) and apply
     `key=value` overrides."""
     module = load_config_module(path)
     if not hasattr(module, "get_config"):
