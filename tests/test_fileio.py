@@ -1,7 +1,11 @@
+import json
+import os
+import stat
+
 import pytest
 import torch
 
-from cvt.fileio import atomic_save, atomic_write
+from cvt.fileio import atomic_save, atomic_write, write_json
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):
@@ -12,3 +16,34 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
         raise RuntimeError("killed mid-write")
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for the test, restoring it afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask022", "umask077", "umask002"])  # fmt: skip
+def test_new_files_get_the_umask_mode(tmp_path, umask, mask, expected):
+    umask(mask)
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")  # what a plain open() gives under this umask: the reference
+    assert stat.S_IMODE(reference.stat().st_mode) == expected
+    atomic_save({"a": 1}, tmp_path / "ckpt.pt")
+    write_json({"a": 1}, tmp_path / "sub" / "summary.json")
+    for path in (tmp_path / "ckpt.pt", tmp_path / "sub" / "summary.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_rewrite_keeps_the_existing_mode(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "metrics.json"
+    write_json({"epoch": 1}, target)
+    target.chmod(0o640)  # the user's choice
+    write_json({"epoch": 2}, target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert json.loads(target.read_text()) == {"epoch": 2}

@@ -1,10 +1,15 @@
-"""Atomic file writes: a crash or kill never leaves a half-written file under the final name."""
+"""Atomic file writes: a crash or kill never leaves a half-written file under the final name.
+
+A written file gets the mode a plain `open(path, "w")` would give it: 0o666 less the umask for a new file (0o644
+under umask 022), the existing file's mode for a rewrite; `mkstemp` alone would leave every file 0o600.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +18,31 @@ from typing import IO, Any
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)  # a rewrite keeps the user's chmod
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success flush, fsync and rename it over `path`.
 
-    If the body raises, the temporary file is removed and `path` keeps its previous content.
+    If the body raises, the temporary file is removed and `path` keeps its previous content. The file ends with
+    the existing file's mode, or 0o666 less the umask when it is new.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _final_mode(path))
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
