@@ -8,6 +8,7 @@ rename: `stage{i}.` -> `stages.{i}.`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -416,8 +417,11 @@ class CvT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none)."""
+        """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none). `cfg` follows, so
+        what is saved from the model records the new size, and the old class names are dropped."""
         self.num_classes = num_classes
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        self.class_names = None
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)

@@ -1,5 +1,5 @@
-"""`cvt train`: run a training config (a shipped one by name, or a file), on one process or under torchrun;
-`cvt configs`: the shipped configs."""
+"""`cvt train`: run a training config (a shipped one by name, or a file), or fine-tune a model with `--model`, on one
+process or under torchrun; `cvt configs`: the shipped configs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from cvt.checkpoint import read_training_checkpoint
 from cvt.train import (
     TrainConfig,
     apply_overrides,
+    finetune_config,
     load_config,
     load_config_module,
     resolve_resume,
@@ -22,12 +23,16 @@ from cvt.train import (
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a model from a config file (runs data-parallel under torchrun)",
-        description="Train a CvT with a config: a shipped one by name (`cvt configs` lists them) or a file. "
-        "Under `torchrun --nproc-per-node N` the same "
-        "command runs data-parallel (DDP; --set fsdp=True shards the model).",
+        help="train a model from a config file, or fine-tune one (runs data-parallel under torchrun)",
+        description="Train a CvT with a config: a shipped one by name (`cvt configs` lists them) or a file; or "
+        "fine-tune a checkpoint or released model with --model and the fine-tuning defaults (cvt.train.finetune: "
+        "SGD, a low learning rate, a short warm-up, the schedule sized to the dataset). Under "
+        "`torchrun --nproc-per-node N` the same command runs data-parallel (DDP; --set fsdp=True shards the model).",
     )
     p.add_argument("--config", help="config file, or the name of a shipped one (e.g. cvt_13_224, demo; `cvt configs`)")
+    p.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="fine-tune this checkpoint (any format) or registered name[.tag]; without --config the "
+                   "fine-tuning defaults apply, with --config it sets the config's init")  # fmt: skip
     p.add_argument("--data", help="dataset (overrides the config's `data`)")
     p.add_argument(
         "--set",
@@ -57,7 +62,11 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.output:
         extra.append(f"output={args.output!r}")
     if args.config:
-        cfg = load_config(args.config, extra)
+        cfg = load_config(args.config, [*extra, *([f"init={args.model!r}"] if args.model else [])])
+    elif args.model:
+        if not args.data:
+            raise ValueError("--model needs --data DIR: the dataset to fine-tune on")
+        cfg = finetune_config(args.model, args.data, extra)
     elif args.resume:
         output = args.output or ("." if args.resume == "auto" else None)
         path = resolve_resume(args.resume, output or ".")
@@ -66,7 +75,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         saved.update(max_steps=None, output=str(args.output or path.parent))
         cfg = apply_overrides(TrainConfig.from_dict(saved), extra)
     else:
-        raise ValueError("pass --config (or --resume with a checkpoint)")
+        raise ValueError("pass --config, --model with --data, or --resume with a checkpoint")
     if args.resume:
         cfg = apply_overrides(cfg, [f"resume={args.resume!r}"])
     return cfg

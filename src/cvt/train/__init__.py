@@ -19,6 +19,7 @@ one (CPU, `deterministic=True`).
     config       TrainConfig, key=value overrides, config files
     rng          seeding, RNG states, deterministic algorithms
     distributed  the processes: environment, samplers, DDP/FSDP2, collective state
+    finetune     the fine-tuning defaults of `cvt train --model` (sized to the dataset)
     build        data, loaders, model, optimiser, schedule, Mixup and loss of a run
     state        where a run stands, saved to and restored from its checkpoint
     run_dir      config.json, metrics.csv, summary.json, curves.png, TensorBoard
@@ -35,6 +36,7 @@ from .config import (
     shipped_configs,
 )
 from .distributed import ResumableSampler
+from .finetune import finetune_config
 from .loop import train
 from .rng import rng_state, set_rng_state
 from .run_dir import plot_curves
@@ -46,6 +48,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "find_config",
+    "finetune_config",
     "load_config",
     "load_config_module",
     "plot_curves",

@@ -4,6 +4,7 @@ DDP/FSDP2, with EMA), optimiser and schedule, mixed precision, Mixup and the los
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
 
     # the same initial weights on every rank (FSDP does not broadcast them), then per-rank randomness
     seed_everything(cfg.seed)
-    net = build_model(cfg, num_classes)
+    net = build_model(cfg, classes)
     net.data_config = cfg.data_config()
     net.class_names = classes
     if cfg.grad_checkpointing:
@@ -150,11 +151,58 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     )
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The model to train: a registered variant, or with `cfg.init` the checkpoint to fine-tune."""
-    if cfg.init:  # fine-tuning: the architecture is the checkpoint's; model_kwargs change it (e.g. drop path)
-        return resolve_model(cfg.init, num_classes=num_classes, **cfg.model_kwargs)
-    return create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+def build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+    """The model to train: a registered variant, or with `cfg.init` the checkpoint to fine-tune, its head fitted
+    to `classes` (see `fit_head`)."""
+    if not cfg.init:
+        return create_model(cfg.model, num_classes=len(classes), **cfg.model_kwargs)
+    # fine-tuning: the architecture is the checkpoint's; model_kwargs change it (e.g. drop path)
+    net = resolve_model(cfg.init, **cfg.model_kwargs)
+    loaded = len(net.state_dict())
+    reinit, why = fit_head(net, classes)
+    logger.info(
+        "fine-tuning %s from %s: %d of %d tensor(s) loaded; %s",
+        net.model_name,
+        cfg.init,
+        loaded - len(reinit),
+        len(net.state_dict()),
+        f"re-initialised {', '.join(reinit)}: {why}" if reinit else f"head kept: {why}",
+    )
+    return net
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(map(str, names[:5]))
+    return f"{len(names)} ({shown}{', ...' if len(names) > 5 else ''})"
+
+
+def fit_head(net: nn.Module, classes: list[str]) -> tuple[list[str], str]:
+    """Make the classifier of a loaded model answer for `classes`, the training data's class names in label order.
+
+    The head is kept when the model records the same names in the same order; its rows are re-ordered when the
+    names are the same in another order; it is re-initialised when the count or the names differ. A model that
+    records no names keeps a head of the right size (nothing says the classes differ).
+
+    Returns:
+        (the re-initialised parameter names, empty when kept; the reason, for the log).
+    """
+    old = list(net.class_names) if net.class_names is not None else None
+    head = net.get_classifier()
+    if net.num_classes == len(classes):
+        if old == classes:
+            return [], f"the checkpoint's classes are the data's {_names(classes)}"
+        if old is None:
+            return [], f"the checkpoint records no class names and has the data's {len(classes)} outputs"
+        if sorted(old) == sorted(classes):
+            order = torch.tensor([old.index(name) for name in classes], device=head.weight.device)
+            with torch.no_grad():
+                head.weight.copy_(head.weight[order])
+                head.bias.copy_(head.bias[order])
+            return [], f"rows re-ordered to the data's class order {_names(classes)}"
+    what = f"{net.num_classes} outputs" if old is None else f"classes {_names(old)}"
+    why = f"the checkpoint's {what} differ from the data's classes {_names(classes)}"
+    net.reset_classifier(len(classes))
+    return [name for name, _ in net.get_classifier().named_parameters(prefix="head")], why
 
 
 def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset | None, list[str]]:

@@ -25,7 +25,9 @@ class TrainConfig:
         model: registered variant to train ("cvt_13", "cvt_21", "cvt_w24").
         model_kwargs: `CvTConfig` fields overriding the variant's (e.g. {"dims": [16, 32, 48]}).
         init: checkpoint path (any format `cvt.load_model` reads) or registered `name.tag` to start from
-            (fine-tuning); the architecture is then the checkpoint's, and a head of another size is re-initialised.
+            (fine-tuning); the architecture is then the checkpoint's, and the head is re-initialised when the data's
+            class names or count differ (re-ordered for the same names in another order). `cvt train --model`
+            builds a whole fine-tuning config around it: `cvt.train.finetune` (defaults sized to the dataset).
         data: dataset location given to `cvt.data.open_dataset` (folder with train/ and val/, CSV or tar shards).
         train_split: split used for training.
         val_split: split used for validation; None or missing on disk for none.

@@ -49,7 +49,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             logger.info(
                 "training %s on %d image(s), %d class(es): %d process(es) x batch %d x accumulation %d = %d, "
                 "lr %.3g, %d step(s) per epoch",
-                cfg.model,
+                cfg.init or cfg.model,
                 len(run.train_ds),
                 len(run.classes),
                 env.world_size,

@@ -1,0 +1,127 @@
+"""Fine-tuning defaults: the `TrainConfig` that `cvt train --model NAME_OR_PATH --data DIR` runs.
+
+The paper fine-tunes with SGD, momentum 0.9, batch 512 (at 384, on ImageNet-1k) and gives nothing else; the rest
+is sized to the dataset here, with every choice resolved into the returned config (and so into the run's
+config.json, which a resume reads back):
+
+- model: the checkpoint (`init`), at its own evaluation protocol (input size, crop, interpolation, mean, std),
+  with its own drop-path rates; the head is re-initialised when the data's classes differ (`cvt.train.build`);
+- optimiser: SGD, momentum 0.9, no weight decay, 0.005 per 256 images (0.01 at the paper's batch 512, as in
+  the shipped finetune_384 config: 20x below the pre-training AdamW rate per image, since the SGD update is not
+  normalised); `--set optimizer=adamw` switches to AdamW at 2.5e-5 per 256 images (a tenth of pre-training)
+  with weight decay 0.05;
+- batch: 64 per process (the paper's 512 over 8 GPUs), smaller for a dataset under 256 images (a power of two,
+  at most a quarter of the training set, at least 2);
+- length, from BiT's rule for transfer (Kolesnikov et al. 2020, "BiT-HyperRule"): 500 optimiser steps for a
+  training set under 20,000 images, 10,000 under 500,000, 20,000 above, rounded to whole epochs; the schedule
+  is stepped every optimiser step, with a linear warm-up over the first 5% of the run and a cosine to 1e-5;
+- augmentation: light, as BiT's: RandomResizedCrop (area 0.5-1) and flips, no RandAugment, random erasing or
+  colour jitter; label smoothing 0.1 as in the paper; Mixup alpha 0.1 from 20,000 images up (BiT), none below;
+- mixed precision: bf16 autocast on a GPU, none on a CPU (most CPUs have no native bf16 kernels).
+
+`--set key=value` overrides any of it; a batch size, epoch count or warm-up set that way is kept, and the fields
+derived from it follow (the epochs from the batch size, the warm-up from the epochs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..data import open_dataset
+from ..factory import resolve_model
+from .config import TrainConfig, apply_overrides
+
+# BiT-HyperRule: (training images below, optimiser steps); the last entry covers every larger set
+SCHEDULE_STEPS = ((20_000, 500), (500_000, 10_000), (None, 20_000))
+LR_PER_256 = {"sgd": 0.005, "adamw": 2.5e-5}
+WEIGHT_DECAY = {"sgd": 0.0, "adamw": 0.05}
+BATCH_SIZE = 64
+WARMUP_FRACTION = 0.05
+MIXUP_FROM = 20_000  # images; BiT's Mixup 0.1 for medium and large datasets
+
+
+def schedule_steps(num_images: int) -> int:
+    """Optimiser steps of a fine-tuning run on `num_images` training images (BiT-HyperRule)."""
+    for below, steps in SCHEDULE_STEPS:
+        if below is None or num_images < below:
+            return steps
+    raise AssertionError("unreachable: the last rule has no bound")
+
+
+def default_batch_size(num_images: int) -> int:
+    """64, or for a small set the largest power of two up to a quarter of it (at least 2)."""
+    quarter = max(2, num_images // 4)
+    return min(BATCH_SIZE, 2 ** int(math.log2(quarter)))
+
+
+def finetune_config(model: str, data: str, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The fine-tuning `TrainConfig` for checkpoint or registered name `model` on dataset `data`.
+
+    Args:
+        model: anything `cvt.resolve_model` takes: a checkpoint in any supported format, or "name[.tag]".
+        data: the dataset (as `TrainConfig.data`: a folder with train/ and val/, a CSV list or tar shards).
+        overrides: `key=value` overrides, applied after the defaults (see the module docstring).
+
+    Returns:
+        A config with every field resolved: `init=model`, the model's evaluation protocol, and the schedule
+        sized to the training set.
+    """
+    data_config = resolve_model(model).data_config
+    height, width = data_config.input_size
+    if height != width:
+        raise ValueError(f"{model} is evaluated at {height}x{width}; fine-tuning trains square inputs: "
+                         "--set input_size=N")  # fmt: skip
+    keys = {item.partition("=")[0].strip().partition(".")[0] for item in overrides}
+    probe = apply_overrides(TrainConfig(data=data, optimizer="sgd"), overrides)  # the split and optimiser to use
+    num_images = _count_images(probe.data, probe.train_split)
+    cfg = TrainConfig(
+        init=model,
+        data=data,
+        input_size=height,
+        crop_mode=data_config.crop_mode,
+        crop_pct=data_config.crop_pct,
+        interpolation=data_config.interpolation,
+        mean=data_config.mean,
+        std=data_config.std,
+        scale=(0.5, 1.0),
+        auto_augment=None,
+        color_jitter=0.0,
+        re_prob=0.0,
+        mixup_alpha=0.1 if num_images >= MIXUP_FROM else 0.0,
+        cutmix_alpha=0.0,
+        label_smoothing=0.1,
+        batch_size=default_batch_size(num_images),
+        num_workers=min(8, os.cpu_count() or 1),
+        optimizer=probe.optimizer,
+        lr_per_256=LR_PER_256.get(probe.optimizer, LR_PER_256["sgd"]),
+        weight_decay=WEIGHT_DECAY.get(probe.optimizer, 0.0),
+        momentum=0.9,
+        sched_unit="step",
+        amp="bf16" if torch.cuda.is_available() else "none",
+        output="runs/finetune",
+    )
+    cfg = apply_overrides(cfg, overrides)
+    derived: dict[str, Any] = {}
+    if "epochs" not in keys:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        steps_per_epoch = max(1, num_images // (cfg.batch_size * cfg.accum_steps * world))
+        derived["epochs"] = max(1, round(schedule_steps(num_images) / steps_per_epoch))
+    if "warmup_epochs" not in keys:
+        derived["warmup_epochs"] = WARMUP_FRACTION * derived.get("epochs", cfg.epochs)
+    return dataclasses.replace(cfg, **derived)
+
+
+def _count_images(data: str, split: str) -> int:
+    try:
+        return len(open_dataset(data, split=split))
+    except TypeError as err:
+        raise ValueError(f"{data}: the training split has no length; pass --set epochs=N") from err
+
+
+__all__ = ["finetune_config", "schedule_steps", "default_batch_size"]
