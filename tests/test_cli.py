@@ -15,5 +15,5 @@ def test_info(capsys):
 
 
 def test_info_unknown_model(capsys):
-    assert main(["info", "cvt_14"]) == 2
+    assert main(["info", "cvt_14"]) == 1
     assert "known models: cvt_13" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_check_data_on_csv_and_missing_source(tmp_path, capsys):
     (tmp_path / "l.csv").write_text("a.png,x\nmissing.png,y\n")
     assert main(["check-data", str(tmp_path / "l.csv")]) == 1
     assert "missing.png: cannot read the file" in capsys.readouterr().out
-    assert main(["check-data", str(tmp_path / "nope")]) == 2
+    assert main(["check-data", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

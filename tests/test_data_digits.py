@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits  # the reference (scikit-learn is in the dev extra)
+from sklearn.datasets import load_digits  # the reference (scikit-learn: the digits extra, also in dev)
 
 from cvt.cli import main
 from cvt.data import load_image, make_dataset, make_digits, open_dataset
@@ -110,11 +110,15 @@ def test_the_builders_leave_each_others_trees_alone(tree, tmp_path):
     assert len(open_dataset(shapes, split="train")) == 2
 
 
-def test_missing_scikit_learn_names_what_to_install(tmp_path, monkeypatch):
+def test_missing_scikit_learn_names_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # `import sklearn.datasets` now raises ImportError
-    with pytest.raises(ImportError, match=r"needs scikit-learn.*pip install scikit-learn.*\.\[dev\]"):
+    with pytest.raises(
+        ImportError, match=r"needs scikit-learn, which is not installed: pip install 'cvt-pytorch\[digits\]'"
+    ):
         make_digits(tmp_path / "d")
-    assert main(["make-dataset", "--kind", "digits", str(tmp_path / "d2")]) == 2
+    assert main(["make-dataset", "--kind", "digits", str(tmp_path / "d2")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'cvt-pytorch[digits]'" in err
 
 
 def test_cli(tmp_path, capsys):

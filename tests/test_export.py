@@ -126,7 +126,7 @@ def test_a_wrong_export_fails_loudly_writes_nothing_and_leaves_the_model_alone(m
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert main(["export", "--model", str(tmp_path / "missing"), "--output", str(tmp_path / "m.onnx")]) == 1
     assert "neither an existing file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "--model", "cvt_13", "--format", "tflite", "--output", str(tmp_path / "m")])

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._optional import require
 from .eval_mode import eval_mode
 from .fileio import atomic_write
 from .model import model_metadata
@@ -147,7 +148,7 @@ def _check(
 
 def onnx_session(model_or_path: str | os.PathLike | bytes) -> Any:
     """An onnxruntime CPU session for an ONNX file (or its serialised bytes)."""
-    import onnxruntime as ort  # noqa: PLC0415
+    ort = require("onnxruntime", package="onnxruntime", extra="export", purpose="running an ONNX file")
 
     source = model_or_path if isinstance(model_or_path, bytes) else str(model_or_path)
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
@@ -197,8 +198,12 @@ def export_onnx(
 
     Raises:
         RuntimeError: the exported graph's outputs differ from PyTorch's by more than `atol`.
+        MissingExtraError: onnx, onnxscript (the exporter) or onnxruntime (the check) is not installed.
     """
-    import onnx  # noqa: PLC0415
+    onnx = require("onnx", package="onnx", extra="export", purpose="ONNX export")
+    require("onnxscript", package="onnxscript", extra="export", purpose="ONNX export")  # torch's dynamo exporter
+    if check:
+        require("onnxruntime", package="onnxruntime", extra="export", purpose="checking an ONNX export")
 
     size = _input_size(model, input_size)
     folded = prepare_for_export(model)

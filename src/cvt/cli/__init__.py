@@ -6,8 +6,10 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from cvt import __version__
+from cvt._optional import MissingExtraError
 from cvt.allocator import keep_freed_memory
 
 # the commands that own a compute-heavy process keep freed memory for reuse (see cvt.allocator)
@@ -35,20 +37,32 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
+    for sub in subparsers.choices.values():  # global options are accepted after the sub-command too
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log debug messages")
     return parser
 
 
+# errors that say what is wrong with the input or the environment: one line, no traceback (unless -v)
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, MissingExtraError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the process exit code: 0, 1 for a failure, 2 for a usage error."""
+    args = build_parser().parse_args(argv)  # a usage error exits here with argparse's message and code 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if args.command in HEAVY_COMMANDS:
         keep_freed_memory()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"cvt {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if args.verbose:
+            traceback.print_exc()
+        if isinstance(err, USER_ERRORS):
+            print(f"cvt {args.command}: error: {err}", file=sys.stderr)
+        else:  # not foreseen: say what it was; -v shows where
+            hint = "" if args.verbose else f" (cvt {args.command} -v shows the traceback)"
+            print(f"cvt {args.command}: error: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

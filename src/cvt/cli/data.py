@@ -81,11 +81,7 @@ def run_make(args: argparse.Namespace) -> int:
 
 
 def run_make_digits(args: argparse.Namespace, start: float) -> int:
-    try:
-        root = make_digits(args.dir, image_size=args.size or 32, overwrite=args.overwrite)
-    except ImportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    root = make_digits(args.dir, image_size=args.size or 32, overwrite=args.overwrite)
     train, val = (open_dataset(root, split=split) for split in ("train", "val"))
     print(f"{root}: scikit-learn's digits, {len(train.classes)} classes ({', '.join(train.classes)})")
     print(f"train {len(train)} images, val {len(val)} images, {args.size or 32}x{args.size or 32} "

@@ -9,7 +9,7 @@ The split is a rule, not a random draw, so it is the same on every machine and e
 class, in `load_digits` order, every fifth image (the class's 5th, 10th, 15th, ...) goes to val and the rest to
 train. That is `n // 5` val images of a class of `n`: 355 val and 1,442 train images in all.
 
-    cvt make-dataset --kind digits data/digits     # a second or two; needs scikit-learn (the `dev` extra)
+    cvt make-dataset --kind digits data/digits     # a second or two; needs scikit-learn (the `digits` extra)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .._optional import require
 from ..fileio import write_json
 from .manifest import MANIFEST, prepare_tree
 
@@ -37,16 +38,10 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images (1797, 8, 8) of grey levels 0-16 and their labels (1797,).
 
     Raises:
-        ImportError: scikit-learn is not installed; the message says what to install.
+        MissingExtraError: scikit-learn is not installed; the message names the extra that installs it.
     """
-    try:
-        from sklearn.datasets import load_digits  # noqa: PLC0415 (optional dependency)
-    except ImportError as err:
-        raise ImportError(
-            "the digits dataset needs scikit-learn, an optional dependency of cvt: "
-            "pip install scikit-learn (or the dev extra: pip install -e '.[dev]')"
-        ) from err
-    bunch = load_digits()
+    datasets = require("sklearn.datasets", package="scikit-learn", extra="digits", purpose="the digits dataset")
+    bunch = datasets.load_digits()
     return bunch.images, bunch.target
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from ..fileio import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(config, self.path / "config.json")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional dependency
-
-            self.writer = SummaryWriter(str(self.path / "tb"))
+            board = require("torch.utils.tensorboard", package="tensorboard", extra="tensorboard",
+                            purpose="TrainConfig(tensorboard=True)")  # fmt: skip
+            self.writer = board.SummaryWriter(str(self.path / "tb"))
 
     def log_epoch(self, row: dict[str, Any], history: list[dict[str, Any]], epochs: int) -> None:
         """Record a finished epoch: metrics.csv, the curves (now and then), TensorBoard and one log line."""
