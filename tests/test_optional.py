@@ -55,3 +55,11 @@ def test_exit_codes_usage_2_failure_1(capsys):
     assert exit_info.value.code == 2  # argparse: a usage error
     assert main(["info", "cvt_14"]) == 1  # a valid command that fails
     assert "known models: cvt_13" in capsys.readouterr().err
+
+
+def test_arguments_that_cannot_work_together_are_usage_errors(capsys):
+    assert main(["train"]) == 2  # parsed, but neither --config, --model nor --resume
+    assert (
+        capsys.readouterr().err
+        == "cvt train: error: pass --config, --model with --data, or --resume with a checkpoint\n"
+    )

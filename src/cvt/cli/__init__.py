@@ -11,6 +11,7 @@ import traceback
 from cvt import __version__
 from cvt._optional import MissingExtraError
 from cvt.allocator import keep_freed_memory
+from cvt.cli.usage import UsageError
 
 # the commands that own a compute-heavy process keep freed memory for reuse (see cvt.allocator)
 HEAVY_COMMANDS = ("train", "eval", "predict", "demo")
@@ -59,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if isinstance(err, USER_ERRORS):
             print(f"cvt {args.command}: error: {err}", file=sys.stderr)
-        else:  # not foreseen: say what it was; -v shows where
-            hint = "" if args.verbose else f" (cvt {args.command} -v shows the traceback)"
-            print(f"cvt {args.command}: error: {type(err).__name__}: {err}{hint}", file=sys.stderr)
+            return 2 if isinstance(err, UsageError) else 1
+        # not foreseen: say what it was; -v shows where
+        hint = "" if args.verbose else f" (cvt {args.command} -v shows the traceback)"
+        print(f"cvt {args.command}: error: {type(err).__name__}: {err}{hint}", file=sys.stderr)
         return 1
 
 

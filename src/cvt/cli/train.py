@@ -8,6 +8,7 @@ import json
 import os
 
 from cvt.checkpoint import read_training_checkpoint
+from cvt.cli.usage import UsageError
 from cvt.train import (
     TrainConfig,
     apply_overrides,
@@ -65,7 +66,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         cfg = load_config(args.config, [*extra, *([f"init={args.model!r}"] if args.model else [])])
     elif args.model:
         if not args.data:
-            raise ValueError("--model needs --data DIR: the dataset to fine-tune on")
+            raise UsageError("--model needs --data DIR: the dataset to fine-tune on")
         cfg = finetune_config(args.model, args.data, extra)
     elif args.resume:
         output = args.output or ("." if args.resume == "auto" else None)
@@ -75,7 +76,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         saved.update(max_steps=None, output=str(args.output or path.parent))
         cfg = apply_overrides(TrainConfig.from_dict(saved), extra)
     else:
-        raise ValueError("pass --config, --model with --data, or --resume with a checkpoint")
+        raise UsageError("pass --config, --model with --data, or --resume with a checkpoint")
     if args.resume:
         cfg = apply_overrides(cfg, [f"resume={args.resume!r}"])
     return cfg
