@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pickle
 import re
 
@@ -378,8 +379,8 @@ def test_pickle_with_code_is_refused_and_never_runs(tiny, tmp_path):
     torch.save({"state_dict": state}, tmp_path / "zip.pth")
     with open(tmp_path / "plain.pkl", "wb") as f:
         pickle.dump(state, f)
-    for name, reason in (("zip.pth", r"GLOBAL (builtins\.)?exec"), ("plain.pkl", "plain Python pickle")):
-        with pytest.raises(CheckpointError, match=rf"refusing to load .*{name}.*{reason}"):
+    for name, reason in (("zip.pth", r"global (builtins\.)?exec"), ("plain.pkl", "plain Python pickle")):
+        with pytest.raises(CheckpointError, match=rf"refusing to load .*{name}: refused for safety.*{reason}"):
             load_model(tmp_path / name)
         assert not marker.exists()
 
@@ -394,16 +395,43 @@ def test_truncated_file_fails_naming_it(tiny, tmp_path, fmt):
         load_model(path, heads=TINY.heads) if fmt == "official" else load_model(path)
 
 
+class _System:
+    """Pickles as a call of os.system (posix.system), a module torch's weights-only unpickler blocks outright."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_blocked_module_refusal_names_the_global(tmp_path):
+    # torch 2.13 words this case "unsupported GLOBAL posix.system whose module posix is blocked", and its message
+    # begins by suggesting weights_only=False: the reader must still call it a refusal, not a corrupt file
+    torch.save({"model": _System()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "evil.pt")
+    message = str(info.value)
+    assert message.startswith(f"refusing to load {tmp_path / 'evil.pt'}: refused for safety")
+    assert f"global {os.system.__module__}.system" in message
+    assert "truncated" not in message and "weights_only" not in message
+
+
 def test_garbage_and_missing_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth is not a PyTorch or safetensors file"):
+    with pytest.raises(CheckpointError, match="junk.pth is not a checkpoint: not a PyTorch or safetensors file"):
         load_model(tmp_path / "junk.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty.pth"):
+    with pytest.raises(CheckpointError, match=r"empty.pth is not a checkpoint: the file is empty \(0 bytes\)"):
         load_model(tmp_path / "empty.pth")
     torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="other.pth holds no state dict"):
+    with pytest.raises(CheckpointError, match=r"other.pth is not a checkpoint: it holds no state dict .*'weights'"):
         load_model(tmp_path / "other.pth")
+    for name, obj, what in (("list.pt", [torch.ones(2)], "a list of 1 item"),
+                            ("tensor.pt", torch.ones(3, 2), r"a bare tensor of shape \(3, 2\)"),
+                            ("number.pt", 7, "an? int")):  # fmt: skip
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(
+            CheckpointError, match=rf"{re.escape(str(tmp_path / name))} is not a checkpoint: it holds {what}"
+        ):
+            load_model(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_model(tmp_path / "absent.pth")
 

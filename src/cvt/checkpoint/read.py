@@ -76,7 +76,10 @@ def _from_state_dict(state: Any, source: Path, meta: dict[str, Any] | None) -> C
     """Repair, detect and convert a state dict; `meta` is a config.json found with it."""
     state = repair_compile_prefix(repair_ddp_prefix(repair_wrapper(state)))
     if not is_state_dict(state):
-        raise CheckpointError(f"{source} holds no state dict (a dict of tensors) that this loader recognises")
+        raise CheckpointError(
+            f"{source} is not a checkpoint: it holds no state dict (a dict of tensors) that this loader recognises "
+            f"(keys {sorted(map(str, state))[:5]})"
+        )
     state = repair_hf_base_model(state)
     try:
         layout = detect_layout(state)

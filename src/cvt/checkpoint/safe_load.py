@@ -36,18 +36,57 @@ def _sniff(path: Path) -> str:
         return "torch"
     if len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < size and head[8:9] == b"{":
         return "safetensors"
+    if size == 0:
+        raise CheckpointError(f"{path} is not a checkpoint: the file is empty (0 bytes)")
     raise CheckpointError(
-        f"{path} is not a PyTorch or safetensors file ({size} bytes, starting {head[:8]!r}); "
-        "it may be truncated, or not a checkpoint"
+        f"{path} is not a checkpoint: not a PyTorch or safetensors file ({size} bytes, starting {head[:8]!r}); "
+        "it may be truncated, or another kind of file"
     )
 
 
-def read_weights_file(path: str | os.PathLike) -> Any:
-    """The object in a `torch.save` or safetensors file, read without running any code from it.
+def _describe(obj: Any) -> str:
+    """What a file held, in a few words, for a message."""
+    if isinstance(obj, torch.Tensor):
+        return f"a bare tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, list | tuple):
+        return f"a {type(obj).__name__} of {len(obj)} item(s)"
+    return f"a {type(obj).__name__}"
+
+
+def _refusal(path: Path, detail: str) -> CheckpointError | None:
+    """The safety refusal for torch's weights_only error `detail`, or None when it is not one.
+
+    torch 2.4-2.13 word it "Unsupported global: GLOBAL mod.name was not an allowed global" or, for a module it
+    blocks outright (os, subprocess, ...), "unsupported GLOBAL posix.system whose module posix is blocked".
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", detail)
+    if found:
+        return CheckpointError(
+            f"refusing to load {path}: refused for safety, it names the Python global {found.group(1)}, which is "
+            "code, not weights: unpickling it could run arbitrary code, so nothing of it was run. If you trust the "
+            "file, re-save only its tensors (a state dict) with torch.save or safetensors."
+        )
+    found = re.search(r"Can only build [^\n]*", detail)
+    if found:
+        return CheckpointError(
+            f"refusing to load {path}: refused for safety, it holds pickled Python objects that are not weights "
+            f"({found.group(0)}); unpickling them could run arbitrary code, so nothing of it was run"
+        )
+    found = re.search(r"Unsupported operand [^\n]*", detail)
+    if found:
+        return CheckpointError(
+            f"refusing to load {path}: refused for safety, it is a plain Python pickle, not a torch.save or "
+            f"safetensors file ({found.group(0)}); unpickling it could run arbitrary code, so nothing of it was run"
+        )
+    return None
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict in a `torch.save` or safetensors file, read without running any code from it.
 
     Raises:
-        CheckpointError: the file carries Python objects other than tensors and plain containers (refused, nothing
-            of it runs), or it is truncated or corrupt.
+        CheckpointError: the file carries Python objects other than tensors and plain containers (refused for
+            safety, nothing of it runs), is truncated or corrupt, or holds no dict (not a checkpoint).
     """
     path = Path(path)
     if _sniff(path) == "safetensors":
@@ -58,25 +97,21 @@ def read_weights_file(path: str | os.PathLike) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = str(err)
-        found = re.search(r"(Unsupported global: GLOBAL \S+|Can only build [^\n]*)", detail)
-        if found:
-            raise CheckpointError(
-                f"refusing to load {path}: it contains pickled Python objects that are not weights "
-                f"({found.group(1)}); unpickling them could run arbitrary code, so nothing of it was run. If you "
-                "trust the file, re-save only its tensors (a state dict) with torch.save or safetensors."
-            ) from None
-        found = re.search(r"Unsupported operand [^\n]*", detail)
-        if found:
-            raise CheckpointError(
-                f"refusing to load {path}: it is a plain Python pickle, not a torch.save or safetensors file "
-                f"({found.group(0)}); unpickling it could run arbitrary code, so nothing of it was run"
-            ) from None
+        refusal = _refusal(path, detail)
+        if refusal is not None:
+            raise refusal from None
         found = re.search(r"WeightsUnpickler error: *([^\n]+)", detail)
         reason = found.group(1) if found else (detail.splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"cannot read {path}: {reason}; the file is truncated or corrupt") from None
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zip errors, ...
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read {path}: {reason}; the file is truncated or corrupt") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it holds {_describe(obj)}, where a checkpoint holds a dict "
+            "(a state dict of tensors, or one wrapped with other entries)"
+        )
+    return obj
