@@ -105,7 +105,8 @@ def test_cli_finetunes_a_checkpoint_in_one_command(shapes, classes, tmp_path, ca
     saved_model(tmp_path / "pre", ["w", "x", "y", "z"])
     out = tmp_path / "run"
     args = ["train", "--model", str(tmp_path / "pre"), "--data", str(shapes), "--output", str(out),
-            "--set", "epochs=1", "--set", "num_workers=0", "--set", "progress=False"]  # fmt: skip
+            "--set", "epochs=1", "--set", "num_workers=0", "--set", "progress=False",
+            "--set", "layer_decay=0.75"]  # fmt: skip
     with caplog.at_level(logging.INFO, logger="cvt"):
         assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -113,6 +114,10 @@ def test_cli_finetunes_a_checkpoint_in_one_command(shapes, classes, tmp_path, ca
     assert "re-initialised head.weight, head.bias" in caplog.text
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["init"] == str(tmp_path / "pre") and recorded["optimizer"] == "sgd"
+    assert recorded["layer_decay"] == 0.75
+    groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    # depths 1/1/1: stem, 3 blocks, head = layers 0-4; the head trains at the full rate, the stem at 0.75^4 of it
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.75**4, 0.75**3, 0.75**2, 0.75, 1.0])
     model = cvt.load_model(out / "best.pt")
     assert model.class_names == classes and model.data_config.input_size == (32, 32)
     assert model.data_config.crop_mode == "squash"

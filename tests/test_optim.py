@@ -111,3 +111,41 @@ def test_sgd_for_fine_tuning():
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="unknown optimizer"):
         create_optimizer(tiny_model(), name="lamb", lr=0.01, weight_decay=0.0)
+
+
+def test_layer_decay_learning_rates_by_hand():
+    # depths 1/2/3: layers (timm's grouping, cvt.timm_interface) 0 stem = stage 0's embedding; 1 stage 0 block 0;
+    # 2 stage 1's embedding + block 0; 3 stage 1 block 1; 4 stage 2's embedding + class token + block 0; 5 block 1;
+    # 6 block 2 + final norm; 7 the head. Layer i gets 0.5 ** (7 - i) of the rate.
+    model = create_model("cvt_13", dims=(16, 32, 48), depths=(1, 2, 3), heads=(1, 1, 2), num_classes=10)
+    opt = create_optimizer(model, name="sgd", lr=0.1, weight_decay=0.05, layer_decay=0.5)
+    WarmupCosineSchedule(opt, base_lr=0.4, epochs=10, steps_per_epoch=1, warmup_epochs=0).step(0)
+    lr = {name: g["lr"] for g in opt.param_groups for name in g["names"]}
+    wd = {name: g["weight_decay"] for g in opt.param_groups for name in g["names"]}
+    expected = {
+        "stages.0.patch_embed.proj.weight": 0.4 / 128,
+        "stages.0.patch_embed.norm.bias": 0.4 / 128,
+        "stages.0.blocks.0.mlp.fc1.weight": 0.4 / 64,
+        "stages.1.patch_embed.proj.weight": 0.4 / 32,
+        "stages.1.blocks.0.attn.conv_proj_q.bn.weight": 0.4 / 32,
+        "stages.1.blocks.1.attn.proj.weight": 0.4 / 16,
+        "stages.2.cls_token": 0.4 / 8,
+        "stages.2.patch_embed.norm.weight": 0.4 / 8,
+        "stages.2.blocks.0.norm1.weight": 0.4 / 8,
+        "stages.2.blocks.1.mlp.fc2.bias": 0.4 / 4,
+        "stages.2.blocks.2.attn.proj_k.weight": 0.4 / 2,
+        "norm.weight": 0.4 / 2,
+        "head.weight": 0.4,
+        "head.bias": 0.4,
+    }
+    for name, value in expected.items():
+        assert lr[name] == pytest.approx(value), name
+    assert set(lr) == {n for n, _ in model.named_parameters()}  # every parameter, once
+    assert (
+        wd["stages.2.cls_token"] == wd["head.bias"] == 0.0
+        and wd["head.weight"] == wd["stages.1.patch_embed.proj.weight"] == 0.05
+    )
+    # 8 layers; the stem, stage 0 block 0, ... each have decayed and non-decayed parameters
+    assert len(opt.param_groups) == 16
+    plain = create_optimizer(model, name="sgd", lr=0.1, weight_decay=0.05)
+    assert len(plain.param_groups) == 2 and "lr_scale" not in plain.param_groups[0]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import CvTConfig, DataConfig, PretrainedCfg
+from .timm_interface import TimmInterface
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -338,8 +339,10 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class CvT(nn.Module):
+class CvT(TimmInterface, nn.Module):
     """Convolutional vision Transformer.
+
+    timm's model interface (`group_matcher`, ...) comes from `cvt.timm_interface.TimmInterface`.
 
     Besides its architecture the model carries its metadata, declared here with defaults so that a plain
     `CvT(cfg)` works everywhere; `cvt.create_model`/`cvt.load_model` and a training run set them, and

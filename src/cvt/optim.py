@@ -1,4 +1,5 @@
-"""The paper's optimisation recipe: weight-decay groups, AdamW/SGD, and the warm-up + cosine learning-rate schedule.
+"""The paper's optimisation recipe: weight-decay groups (and layer-wise learning-rate decay for fine-tuning),
+AdamW/SGD, and the warm-up + cosine learning-rate schedule.
 
 The schedule reproduces what the authors' code gets from timm's `CosineLRScheduler` (t_in_epochs=True,
 warmup not a prefix): during the first `warmup_epochs` the rate climbs linearly from `warmup_lr`; afterwards it is
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .timm_interface import layer_ids
+
 SCHEDULE_UNITS = ("epoch", "step")
 
 
@@ -27,35 +30,58 @@ def scaled_lr(lr_per_256: float, global_batch: int, base_batch: int = 256) -> fl
     return lr_per_256 * global_batch / base_batch
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Split trainable parameters into a decayed and a non-decayed group.
+def param_groups(
+    model: nn.Module, weight_decay: float, skip: Iterable[str] | None = None, layer_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """Split trainable parameters into decayed and non-decayed groups, per layer with `layer_decay`.
 
     No decay for every parameter with at most one dimension (LayerNorm/BatchNorm weights and biases, every bias)
     and for the names the model lists in `no_weight_decay()` (the class token); convolution and linear weights,
     depth-wise ones included, are decayed, as in the authors' code.
 
+    Layer-wise learning-rate decay (timm's `param_groups_layer_decay`, after BEiT): the model's
+    `group_matcher(coarse=False)` numbers its layers 0 (the stem) to L (the head; see `cvt.timm_interface`), and
+    the parameters of layer i get `lr_scale = layer_decay ** (L - i)`, which the schedule multiplies into their
+    learning rate: the head trains at the full rate, each layer below it at `layer_decay` times the one above.
+
     Args:
         model: the model (unwrapped: parameter names must be the model's own).
-        weight_decay: decay of the decayed group.
+        weight_decay: decay of the decayed groups.
         skip: extra parameter names without decay; defaults to `model.no_weight_decay()` when the model has it.
+        layer_decay: per-layer learning-rate factor (e.g. 0.75), or None for one rate everywhere.
 
     Returns:
-        Two param-group dicts, decayed first; each carries the parameter names under "names".
+        Param-group dicts, decayed first (per layer, from the stem, with layer decay); each carries the parameter
+        names under "names", and with layer decay its "lr_scale".
     """
     if skip is None:
         skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     skip = set(skip)
-    decay, no_decay = ([], []), ([], [])
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        group = no_decay if param.ndim <= 1 or name in skip else decay
-        group[0].append(param)
-        group[1].append(name)
-    return [
-        {"params": decay[0], "names": decay[1], "weight_decay": weight_decay},
-        {"params": no_decay[0], "names": no_decay[1], "weight_decay": 0.0},
-    ]
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    layers: dict[str, int] = {}
+    if layer_decay is not None:
+        if not hasattr(model, "group_matcher"):
+            raise ValueError(f"layer_decay needs a model with group_matcher(); {type(model).__name__} has none")
+        layers = layer_ids((name for name, _ in model.named_parameters()), model.group_matcher(coarse=False))
+    last = max(layers.values(), default=0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named:
+        no_decay = param.ndim <= 1 or name in skip
+        layer = layers.get(name, last)
+        group = groups.get((layer, no_decay))
+        if group is None:
+            group = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay}
+            if layer_decay is not None:
+                group["lr_scale"] = layer_decay ** (last - layer)
+            groups[layer, no_decay] = group
+        group["params"].append(param)
+        group["names"].append(name)
+    if layer_decay is None:  # always the two groups, decayed first, even when one is empty
+        for no_decay in (False, True):
+            groups.setdefault(
+                (0, no_decay), {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay}
+            )
+    return [groups[k] for k in sorted(groups)]
 
 
 def create_optimizer(
@@ -68,6 +94,7 @@ def create_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool = False,
+    layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (pre-training) or SGD with Nesterov-free momentum (the paper's fine-tuning), over `param_groups`.
 
@@ -81,8 +108,9 @@ def create_optimizer(
         eps: AdamW epsilon.
         fused: AdamW's fused kernel (CPU and CUDA; the same update, 4x faster than the per-tensor loop for
             CvT-13 on CPU). Not for FSDP's sharded parameters.
+        layer_decay: layer-wise learning-rate decay (see `param_groups`), None for none.
     """
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, layer_decay=layer_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     if name == "sgd":
@@ -152,10 +180,10 @@ class WarmupCosineSchedule:
         )
 
     def step(self, epoch: int, step_in_epoch: int = 0) -> float:
-        """Write the rate for this position into every param group; returns it."""
+        """Write the rate for this position into every param group (times its `lr_scale`, if any); returns it."""
         self.last_lr = self.lr_at(epoch, step_in_epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.last_lr
+            group["lr"] = self.last_lr * group.get("lr_scale", 1.0)
         return self.last_lr
 
     def state_dict(self) -> dict[str, Any]:

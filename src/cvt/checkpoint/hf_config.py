@@ -1,14 +1,23 @@
-"""Hugging Face transformers' `CvtConfig` (config.json) to our `CvTConfig` and back, and its class names."""
+"""Hugging Face transformers' `CvtConfig` (config.json) to our `CvTConfig` and back, its class names, and its image
+processor (preprocessor_config.json) to our `DataConfig` and back."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
-from ..config import CvTConfig
+from ..config import CvTConfig, DataConfig
 from .formats import CheckpointError
 
 logger = logging.getLogger(__name__)
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+DATA_CONFIG_KEY = "cvt_data_config"  # our DataConfig, verbatim, in a Hugging Face config.json
+NAME_KEY = "cvt_model_name"  # and the model's name
+# PIL's resampling codes, as transformers' image processors record them
+PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+CONVNEXT_WARP_SIZE = 384  # ConvNextImageProcessor resizes the whole image (no crop) from this size up
 
 
 def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
@@ -58,12 +67,20 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
     )
 
 
-def config_to_hf(cfg: CvTConfig, class_names: list[str] | None = None) -> dict[str, Any]:
+def config_to_hf(
+    cfg: CvTConfig,
+    class_names: list[str] | None = None,
+    data_config: DataConfig | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
     """A transformers `CvtConfig` dict (config.json of a `CvtForImageClassification`) for `cfg`.
+
+    `data_config` and `model_name`, when given, are recorded under "cvt_data_config" and "cvt_model_name"
+    (transformers keeps unknown keys), so that our loader recovers them exactly.
 
     Raises:
         CheckpointError: `cfg` uses something transformers' CvT cannot compute (position embeddings, a class token
-            before the last stage, "avg"/"linear" projections).
+            before the last stage, "avg"/"linear" projections, a stage i with i or fewer blocks).
     """
     unsupported = []
     if any(cfg.pos_embed):
@@ -72,6 +89,12 @@ def config_to_hf(cfg: CvTConfig, class_names: list[str] | None = None) -> dict[s
         unsupported.append(f"cls_token={cfg.cls_token} (transformers sizes the class token for the last stage)")
     if any(m != "dw_bn" for m in cfg.qkv_method):
         unsupported.append(f"qkv_method={cfg.qkv_method} (transformers runs only 'dw_bn')")
+    short = [i for i, depth in enumerate(cfg.depths) if depth <= i]
+    if short:
+        unsupported.append(
+            f"depths={cfg.depths} (transformers' CvT indexes each stage's drop-path list by the stage number, so "
+            f"stage i needs more than i blocks: stage(s) {short} would raise IndexError in CvtForImageClassification)"
+        )
     if unsupported:
         raise CheckpointError(f"transformers' CvT cannot express {', '.join(unsupported)}; save with format='cvt'")
     n = cfg.num_stages
@@ -102,6 +125,8 @@ def config_to_hf(cfg: CvTConfig, class_names: list[str] | None = None) -> dict[s
         "layer_norm_eps": cfg.norm_eps,  # not read by transformers' CvT (it uses 1e-5); recorded for people
         "id2label": {str(i): name for i, name in enumerate(names)},
         "label2id": {name: i for i, name in enumerate(names)},
+        **({DATA_CONFIG_KEY: data_config.to_dict()} if data_config is not None else {}),
+        **({NAME_KEY: model_name} if model_name else {}),
     }
 
 
@@ -113,3 +138,72 @@ def hf_class_names(hf: dict[str, Any]) -> list[str] | None:
     if len(names) == 1000 and names[0].startswith("tench"):
         return None  # ImageNet-1k with long WordNet names ("tench, Tinca tinca"): the short standard names instead
     return names
+
+
+def preprocessor_to_hf(data: DataConfig) -> dict[str, Any]:
+    """The preprocessor_config.json that makes transformers' `AutoImageProcessor` (and `pipeline`) prepare images
+    as `data` does.
+
+    transformers' CvT checkpoints use `ConvNextImageProcessor`: below 384 px it resizes the shorter side to
+    int(size / crop_pct) and centre-crops the size (our "center"), from 384 px up it resizes the whole image to the
+    size (our "squash"). The two cases it cannot express get the processor that does exactly ours:
+    `ViTImageProcessor` (a plain resize) for "squash" below 384 px, `BitImageProcessor` (resize, then centre crop)
+    for "center" from 384 px up or at a non-square size.
+    """
+    height, width = data.input_size
+    common = {
+        "do_resize": True,
+        "resample": PIL_RESAMPLE[data.interpolation],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(data.mean),
+        "image_std": list(data.std),
+    }
+    square, small = height == width, max(height, width) < CONVNEXT_WARP_SIZE
+    if square and (small == (data.crop_mode == "center")):
+        size = {"shortest_edge": height}
+        return {"image_processor_type": "ConvNextImageProcessor", "size": size, "crop_pct": data.crop_pct, **common}
+    if data.crop_mode == "squash":
+        return {"image_processor_type": "ViTImageProcessor", "size": {"height": height, "width": width}, **common}
+    if square:
+        size = {"shortest_edge": math.floor(height / data.crop_pct)}
+    else:  # as our transform: both sides resized to side / crop_pct
+        size = {"height": math.floor(height / data.crop_pct), "width": math.floor(width / data.crop_pct)}
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "size": size,
+        "do_center_crop": True,
+        "crop_size": {"height": height, "width": width},
+        "do_convert_rgb": True,
+        **common,
+    }
+
+
+def data_config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None) -> DataConfig | None:
+    """Our `DataConfig` from a Hugging Face folder: the verbatim copy we record in config.json, else what a
+    `ConvNextImageProcessor` or `ViTImageProcessor` preprocessor_config.json says (the released CvT checkpoints
+    have the former); None when neither says it."""
+    if hf.get(DATA_CONFIG_KEY):
+        return DataConfig.from_dict(hf[DATA_CONFIG_KEY])
+    if not preprocessor:
+        return None
+    kind = str(preprocessor.get("image_processor_type") or preprocessor.get("feature_extractor_type") or "")
+    resample = {code: name for name, code in PIL_RESAMPLE.items()}.get(preprocessor.get("resample", 3), "bicubic")
+    common = {
+        "interpolation": resample,
+        "mean": tuple(preprocessor.get("image_mean", DataConfig.mean)),
+        "std": tuple(preprocessor.get("image_std", DataConfig.std)),
+    }
+    size = preprocessor.get("size")
+    if kind.startswith("ConvNext"):
+        edge = size.get("shortest_edge") if isinstance(size, dict) else size
+        if not isinstance(edge, int):
+            return None
+        if edge < CONVNEXT_WARP_SIZE:
+            return DataConfig(edge, crop_mode="center", crop_pct=preprocessor.get("crop_pct") or 224 / 256, **common)
+        return DataConfig(edge, crop_mode="squash", crop_pct=1.0, **common)
+    if kind.startswith("ViT") and isinstance(size, dict) and {"height", "width"} <= set(size):
+        return DataConfig((size["height"], size["width"]), crop_mode="squash", crop_pct=1.0, **common)
+    logger.debug("image processor %r: its preprocessing is not read; the defaults apply", kind)
+    return None

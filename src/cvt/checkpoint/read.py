@@ -21,7 +21,7 @@ from .formats import (
     parse_metadata,
     read_json,
 )
-from .hf_config import config_from_hf, hf_class_names
+from .hf_config import NAME_KEY, PREPROCESSOR_FILE, config_from_hf, data_config_from_hf, hf_class_names
 from .layouts import (
     TO_CVT,
     detect_layout,
@@ -72,8 +72,11 @@ def _read_weights_folder(folder: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder} has a config.json but no weights ({' or '.join(HF_WEIGHT_FILES)})")
 
 
-def _from_state_dict(state: Any, source: Path, meta: dict[str, Any] | None) -> Checkpoint:
-    """Repair, detect and convert a state dict; `meta` is a config.json found with it."""
+def _from_state_dict(
+    state: Any, source: Path, meta: dict[str, Any] | None, preprocessor: dict[str, Any] | None = None
+) -> Checkpoint:
+    """Repair, detect and convert a state dict; `meta` is a config.json found with it, `preprocessor` a Hugging Face
+    preprocessor_config.json."""
     state = repair_compile_prefix(repair_ddp_prefix(repair_wrapper(state)))
     if not is_state_dict(state):
         raise CheckpointError(
@@ -91,10 +94,17 @@ def _from_state_dict(state: Any, source: Path, meta: dict[str, Any] | None) -> C
     if meta is not None and meta.get("model_type") == "cvt" and layout == "hf":
         try:
             config = config_from_hf(meta)
-        except ValueError as err:
+            data_config = data_config_from_hf(meta, preprocessor)
+        except (TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: {err}") from None
-        return dataclasses.replace(ckpt, config=config, class_names=hf_class_names(meta))
+        names, name = hf_class_names(meta), meta.get(NAME_KEY)
+        return dataclasses.replace(ckpt, config=config, data_config=data_config, class_names=names, model_name=name)
     return ckpt
+
+
+def _preprocessor(folder: Path) -> dict[str, Any] | None:
+    file = folder / PREPROCESSOR_FILE
+    return read_json(file) if file.is_file() else None
 
 
 def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint:
@@ -123,7 +133,7 @@ def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint
                 f'{config_file} is neither a cvt model config ("format": "cvt") nor a Hugging Face CvT config '
                 f'("model_type": "cvt"; found {meta.get("model_type")!r})'
             )
-        ckpt = _from_state_dict(_read_weights_folder(path), path, meta)
+        ckpt = _from_state_dict(_read_weights_folder(path), path, meta, _preprocessor(path))
     else:
         obj = read_weights_file(path)
         if is_training_checkpoint(obj):
@@ -132,5 +142,6 @@ def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint
         if ema:
             raise CheckpointError(f"{path} is not a training checkpoint: it has no EMA weights")
         sidecar = path.parent / CONFIG_FILE
-        ckpt = _from_state_dict(obj, path, read_json(sidecar) if sidecar.is_file() else None)
+        meta = read_json(sidecar) if sidecar.is_file() else None
+        ckpt = _from_state_dict(obj, path, meta, _preprocessor(path.parent))
     return ckpt

@@ -14,7 +14,7 @@ from ..fileio import atomic_save, atomic_write, write_json
 from ..model import model_metadata
 from ..variants import match_variant
 from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE
-from .hf_config import config_to_hf
+from .hf_config import PREPROCESSOR_FILE, config_to_hf, preprocessor_to_hf
 from .layouts import cvt_to_hf, cvt_to_official
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ def save_model(
         path: a folder for "cvt" and "hf", a file for "official".
         class_names: one name per class; default `model.class_names`.
         format: "cvt" (model.safetensors + config.json with the architecture, preprocessing and class names),
-            "hf" (a transformers `CvtForImageClassification` folder) or "official" (the authors' bare state dict,
-            which records no architecture).
+            "hf" (a transformers `CvtForImageClassification` folder with the image processor of `data_config`,
+            which `transformers.pipeline("image-classification", model=path)` runs) or "official" (the authors'
+            bare state dict, which records no architecture).
 
     Returns:
         `path`.
@@ -64,10 +65,11 @@ def save_model(
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; format {format!r} writes a folder")
     if format == "hf":
-        hf_config = config_to_hf(cfg, names)
+        hf_config = config_to_hf(cfg, names, model.data_config, meta["model_name"])
         if cfg.act != "gelu":
             logger.warning("transformers' CvT computes GELU where this model computes QuickGELU: logits will differ")
         _write_safetensors(cvt_to_hf(state), path / WEIGHTS_FILE)
+        write_json(preprocessor_to_hf(model.data_config), path / PREPROCESSOR_FILE)
         write_json(hf_config, path / CONFIG_FILE)
         return path
     _write_safetensors(state, path / WEIGHTS_FILE)

@@ -113,6 +113,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
         fused=not fsdp and env.device.type in ("cpu", "cuda"),
+        layer_decay=cfg.layer_decay,
     )
     scheduler = WarmupCosineSchedule(
         optimizer,

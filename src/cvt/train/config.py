@@ -57,6 +57,9 @@ class TrainConfig:
         lr_per_256: peak learning rate per 256 images (linear scaling rule).
         weight_decay: decay of conv/linear weights (none on norms, biases, class token).
         momentum: SGD momentum.
+        layer_decay: layer-wise learning-rate decay, as timm's `param_groups_layer_decay` and BEiT-style
+            fine-tuning recipes: layer i of L (stem 0, one per block, head L; `CvT.group_matcher`) trains at
+            `layer_decay ** (L - i)` times the rate; None (the default) for one rate everywhere.
         epochs: training epochs (length of the cosine).
         warmup_epochs: linear warm-up epochs.
         warmup_lr: learning rate at the start of warm-up.
@@ -113,6 +116,7 @@ class TrainConfig:
     lr_per_256: float = 2.5e-4
     weight_decay: float = 0.05
     momentum: float = 0.9
+    layer_decay: float | None = None
     epochs: int = 300
     warmup_epochs: float = 5
     warmup_lr: float = 1e-6

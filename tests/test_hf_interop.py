@@ -1,0 +1,121 @@
+"""A Hugging Face folder we write is complete: transformers' `AutoImageProcessor` and `pipeline` run it and prepare
+images as our evaluation transform does, `DataConfig` survives the round trip, and an export transformers cannot run
+is refused. transformers is the reference throughout."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, CvtConfig, CvtForImageClassification, pipeline
+
+import cvt
+from cvt.checkpoint import CheckpointError
+from cvt.cli import main
+from cvt.config import DataConfig
+from cvt.data import create_eval_transform
+
+TINY = {"dims": [16, 32, 48], "depths": [1, 2, 3], "heads": [1, 2, 3]}  # depth[i] > i: what transformers runs
+CLASSES = [f"class {i}" for i in range(10)]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Image.Image:
+    """A real photograph (scikit-learn's china.jpg, 640x427: not square), stored losslessly."""
+    from sklearn.datasets import load_sample_images
+
+    path = tmp_path_factory.mktemp("img") / "china.png"
+    Image.fromarray(load_sample_images().images[0]).save(path)
+    return path
+
+
+def tiny_model(data: DataConfig, act: str = "gelu", seed: int = 0) -> cvt.CvT:
+    """A tiny model with spread-out weights, so that its probabilities are far from uniform."""
+    torch.manual_seed(seed)
+    model = cvt.create_model("cvt_13", num_classes=len(CLASSES), act=act, **TINY)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.is_floating_point():
+                tensor.normal_(0.0, 0.3)
+        model.head.weight.mul_(10)
+    model.class_names, model.data_config, model.model_name = list(CLASSES), data, "tiny-test"
+    return model.eval()
+
+
+DATA_CONFIGS = {
+    "demo: 64 squash": DataConfig(input_size=64, crop_mode="squash", crop_pct=1.0),
+    "64 center 0.875": DataConfig(input_size=64, crop_mode="center", crop_pct=0.875),
+    "56 center bilinear": DataConfig(56, "center", 0.9, "bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+    "384 squash": DataConfig(input_size=384, crop_mode="squash", crop_pct=1.0),
+    "384 center": DataConfig(input_size=384, crop_mode="center", crop_pct=0.9),
+    "48x64 center": DataConfig(input_size=(48, 64), crop_mode="center", crop_pct=0.875),
+}
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS.values(), ids=DATA_CONFIGS.keys())
+def test_image_processor_prepares_images_as_our_eval_transform(data, photo, tmp_path):
+    cvt.save_model(tiny_model(data), tmp_path / "hf", format="hf")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.open(photo).convert("RGB")
+    theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    ours = create_eval_transform(data)(image)
+    assert theirs.shape == ours.shape == (3, *data.input_size)
+    assert (theirs - ours).abs().max() < 1e-5
+    assert cvt.load_model(tmp_path / "hf").data_config == data  # recovered exactly, crop mode included
+
+
+def test_released_checkpoints_image_processor_is_read(tmp_path):
+    # preprocessor_config.json as microsoft/cvt-13 and cvt-13-384 have it (the old feature-extractor spelling)
+    hf = CvtForImageClassification(CvtConfig(embed_dim=TINY["dims"], depth=TINY["depths"], num_heads=TINY["heads"]))
+    hf.save_pretrained(tmp_path / "hf")
+    released = {"crop_pct": 0.875, "do_normalize": True, "do_resize": True, "resample": 3, "size": 224,
+                "feature_extractor_type": "ConvNextFeatureExtractor", "image_mean": [0.485, 0.456, 0.406],
+                "image_std": [0.229, 0.224, 0.225]}  # fmt: skip
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(released))
+    assert cvt.load_model(tmp_path / "hf").data_config == DataConfig(224, crop_mode="center", crop_pct=0.875)
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({**released, "size": 384}))
+    assert cvt.load_model(tmp_path / "hf").data_config == DataConfig(384, crop_mode="squash", crop_pct=1.0)
+
+
+def test_writes_what_transformers_checkpoints_use(tmp_path):
+    cvt.save_model(tiny_model(DATA_CONFIGS["64 center 0.875"]), tmp_path / "hf", format="hf")
+    pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert pre["image_processor_type"] == "ConvNextImageProcessor"
+    assert (pre["size"], pre["crop_pct"], pre["resample"]) == ({"shortest_edge": 64}, 0.875, 3)  # 3: PIL bicubic
+    assert (pre["image_mean"], pre["image_std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"]["3"] == "class 3" and config["label2id"]["class 3"] == 3
+
+
+def test_pipeline_agrees_with_cvt_predict(photo, tmp_path, capsys):
+    data = DATA_CONFIGS["64 center 0.875"]
+    for act in ("gelu", "quick_gelu"):
+        model = tiny_model(data, act=act, seed=1)
+        cvt.save_model(model, tmp_path / act / "hf", format="hf")
+        cvt.save_model(model, tmp_path / act / "own")
+        theirs = pipeline("image-classification", model=str(tmp_path / act / "hf"))(str(photo), top_k=5)
+        assert main(["predict", "--model", str(tmp_path / act / "own"), str(photo), "--topk", "5", "--json"]) == 0
+        ours = json.loads(capsys.readouterr().out)[0]["predictions"]
+        assert [p["label"] for p in theirs] == [p["label"] for p in ours], act
+        assert len({p["label"] for p in ours}) == 5 and ours[0]["probability"] > 0.2  # not a uniform tie
+        if act == "gelu":  # transformers computes GELU: the same numbers
+            scores = np.array([p["score"] for p in theirs]) - np.array([p["probability"] for p in ours])
+            assert np.abs(scores).max() < 1e-4
+
+
+def test_export_transformers_cannot_run_is_refused(tmp_path, capsys):
+    # the reference: transformers itself fails on a stage i with i or fewer blocks (the demo's depths 1/1/2)
+    with pytest.raises(IndexError):
+        CvtForImageClassification(CvtConfig(embed_dim=[16, 32, 48], depth=[1, 1, 2], num_heads=[1, 2, 2]))
+    demo = cvt.create_model("cvt_13", num_classes=10, dims=[32, 64, 128], depths=[1, 1, 2], heads=[1, 2, 2])
+    with pytest.raises(CheckpointError, match=r"depths=\(1, 1, 2\).*stage\(s\) \[1, 2\].*IndexError.*format='cvt'"):
+        cvt.save_model(demo, tmp_path / "hf", format="hf")
+    assert not (tmp_path / "hf").exists()
+    cvt.save_model(demo, tmp_path / "own")
+    assert main(["convert", str(tmp_path / "own"), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    assert "IndexError" in capsys.readouterr().err and not (tmp_path / "hf").exists()
