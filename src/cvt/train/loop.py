@@ -105,6 +105,12 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             meter=state.meter,
             progress=_progress(cfg, env),
         )
+        if not result.finished and result.global_step != _next_stop(cfg, state.global_step):
+            raise RuntimeError(
+                f"epoch {state.epoch + 1}: the training data ran out after step {result.step} of "
+                f"{run.steps_per_epoch} (rank {env.rank}); the data changed while training, or its loader "
+                "yields fewer batches than it counts"
+            )
         state.step, state.global_step = result.step, result.global_step
         state.elapsed += time.perf_counter() - started
         if not result.finished:  # stopped inside the epoch: by max_steps or for a periodic checkpoint
