@@ -147,3 +147,70 @@ def test_torchrun_two_ranks_on_uneven_shards(folder, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 2 * 22 and ckpt["epoch"] == 2
+
+
+# ---- pre-emption ------------------------------------------------------------------------------------------------
+
+
+def send_signal_at(monkeypatch, signum, batch):
+    """Deliver `signum` to this process while the run fetches its `batch`-th micro-batch (counting from 0)."""
+    import cvt.train.loop as loop
+
+    real, seen = loop.train_one_epoch, [0]
+
+    def sending(batches):
+        for item in batches:
+            if seen[0] == batch:
+                os.kill(os.getpid(), signum)
+            seen[0] += 1
+            yield item
+
+    def patched(model, batches, *args, **kwargs):
+        return real(model, sending(batches), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", patched)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(folder, tmp_path_factory):
+    """1 epoch of 180 // 8 = 22 steps on the folder, without interruption."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("full") / "run"
+    summary = train(small_config(folder, out, batch_size=8))
+    return summary, torch.load(out / "last.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_the_state_and_resume_is_bit_exact(folder, tmp_path, monkeypatch, uninterrupted,
+                                                                    signum, caplog):  # fmt: skip
+    def unhandled(sig, frame):  # before: the signal's default action ended the process, all since last.pt lost
+        raise AssertionError(f"{signal.Signals(sig).name} reached the test: the run did not handle it")
+
+    previous = signal.signal(signum, unhandled)
+    try:
+        send_signal_at(monkeypatch, signum, 9)
+        with deadline(120):
+            stopped = train(small_config(folder, tmp_path / "run", batch_size=8))
+    finally:
+        signal.signal(signum, previous)
+    monkeypatch.undo()
+    name = signal.Signals(signum).name
+    assert stopped["preempted"] == name and not stopped["completed"] and stopped["global_step"] == 10
+    assert any(f"{name}: stopped at epoch 1, step 10" in r.getMessage() and "exit code 75" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    mid = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert (mid["epoch"], mid["step"], mid["global_step"]) == (0, 10, 10)
+    with deadline(120):
+        resumed = train(small_config(folder, tmp_path / "run", batch_size=8, resume="auto"))
+    full_summary, full = uninterrupted
+    assert resumed["completed"] and resumed["preempted"] is None and resumed["global_step"] == 22
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for key in full["model"]:
+        assert torch.equal(last["model"][key], full["model"][key]), key
+    assert last["history"][0]["train_loss"] == full["history"][0]["train_loss"]
+
+
+def test_resume_auto_starts_a_new_run_where_there_is_none(folder, tmp_path):
+    with deadline(120):
+        summary = train(small_config(folder, tmp_path / "run", batch_size=8, resume="auto", max_steps=2))
+    assert summary["global_step"] == 2 and (tmp_path / "run" / "last.pt").is_file()

@@ -7,7 +7,7 @@ import json
 import os
 
 from cvt.checkpoint import read_training_checkpoint
-from cvt.train import TrainConfig, apply_overrides, load_config, resolve_resume, train
+from cvt.train import PREEMPTED_EXIT_CODE, TrainConfig, apply_overrides, load_config, resolve_resume, train
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -61,4 +61,6 @@ def run(args: argparse.Namespace) -> int:
     summary = train(build_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
+    if summary.get("preempted"):  # stopped by SIGTERM/SIGUSR1 with the state saved: a scheduler re-queues it
+        return PREEMPTED_EXIT_CODE
     return 0
