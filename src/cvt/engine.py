@@ -99,7 +99,7 @@ class EpochResult:
         meter: the epoch's running sums (including steps done before a resume).
         step: optimiser steps of this epoch completed so far (the position to resume from).
         global_step: optimiser steps of the whole run completed so far.
-        finished: whether the epoch ran to its end (False when stopped by `max_steps`).
+        finished: whether the epoch ran to its end (False when stopped by `max_steps` or `should_stop`).
         lr: the learning rate of the last step.
     """
 
@@ -149,6 +149,7 @@ def train_one_epoch(
     start_step: int = 0,
     global_step: int = 0,
     max_steps: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
     meter: EpochMeter | None = None,
     progress: bool = False,
 ) -> EpochResult:
@@ -176,6 +177,8 @@ def train_one_epoch(
         start_step: optimiser steps of this epoch already done (resume point).
         global_step: optimiser steps of the run already done.
         max_steps: stop once the run has done this many optimiser steps.
+        should_stop: called after every optimiser step that does not end the epoch; True stops there (e.g. on a
+            pre-emption signal; under DDP it must give the same answer on every process).
         meter: running sums carried over from before a resume.
         progress: show a tqdm progress bar.
 
@@ -251,6 +254,8 @@ def train_one_epoch(
             result.finished = True
             break
         if max_steps is not None and result.global_step >= max_steps:
+            break
+        if should_stop is not None and should_stop():
             break
     meter.seconds += time.perf_counter() - started
     if bar is not None:

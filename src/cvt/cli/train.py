@@ -10,6 +10,7 @@ import os
 from cvt.checkpoint import read_training_checkpoint
 from cvt.cli.usage import UsageError
 from cvt.train import (
+    PREEMPTED_EXIT_CODE,
     TrainConfig,
     apply_overrides,
     finetune_config,
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     summary = train(build_config(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
+    if summary.get("preempted"):  # stopped by SIGTERM/SIGUSR1 with the state saved: a scheduler re-queues it
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

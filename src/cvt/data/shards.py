@@ -8,7 +8,15 @@ label order) beside the shards; without it they are "0".."K-1", K found by readi
 
 Splitting: shards (after an optional per-epoch shuffle with the same seed on every rank) are dealt round-robin to
 ranks, then each rank's shards round-robin to its loader workers, so every sample is read exactly once per epoch
-across all ranks and workers, provided there are at least as many shards as ranks x workers.
+across all ranks and workers. A rank with fewer shards than loader workers lets every worker read all of them and
+keep every n-th sample.
+
+Epoch length: the shards dealt to a rank change from epoch to epoch and hold different numbers of samples, each
+loader worker drops its own last partial batch, and unreadable samples are skipped, so a plain pass over a rank's
+shards yields a number of batches no rank can know in advance. Training sets a fixed length instead
+(`set_epoch_length`, what webdataset's `with_epoch` does): every rank yields exactly that many batches per epoch,
+stopping early when its shards hold more and wrapping around them (a second pass, augmented afresh) when they hold
+fewer, so all ranks take the same number of optimiser steps and every epoch ends.
 """
 
 from __future__ import annotations
@@ -171,6 +179,8 @@ class TarShardDataset(IterableDataset):
         self.skipped: dict[str, str] = {}
         self._classes = list(classes) if classes is not None else None
         self._counts: dict[str, int] = {}
+        self.epoch_batches: int | None = None
+        self.batch_size = 1
 
     @property
     def classes(self) -> list[str]:
@@ -195,24 +205,37 @@ class TarShardDataset(IterableDataset):
             random.Random(sample_seed(self.seed, self.epoch)).shuffle(order)  # identical on every rank
         return [(i, self.shards[i]) for i in order[self.rank :: self.world_size]]
 
-    def worker_shards(self) -> list[tuple[int, str]]:
-        """(shard index, path) of the shards the calling loader worker reads."""
+    def set_epoch_length(self, batches: int, batch_size: int) -> None:
+        """Yield exactly `batches` batches of `batch_size` samples per epoch on this rank (see the module notes).
+
+        The loader workers share them: worker w of W yields `batches // W` batches, one more if w < batches % W,
+        so no worker is left with a partial batch. `batches` must be the same on every rank.
+        """
+        if batches < 0 or batch_size < 1:
+            raise ValueError(f"epoch length {batches} batch(es) of {batch_size} is not valid")
+        self.epoch_batches, self.batch_size = int(batches), int(batch_size)
+
+    def total_samples(self) -> int:
+        """Samples in all shards (every rank's), from the tar headers: the same number on every rank."""
+        return sum(self._count(path) for path in self.shards)
+
+    def _worker_plan(self) -> tuple[int, int, list[tuple[int, str]], int]:
+        """(worker, workers, shards it reads, stride): a stride n > 1 keeps every n-th sample of the shards."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.rank_shards()[worker::num_workers]
-        if not mine:
-            logger.warning(
-                "rank %d loader worker %d has no shard to read (%d shard(s) for %d worker(s)); use fewer workers "
-                "or more shards",
-                self.rank,
-                worker,
-                len(self.rank_shards()),
-                num_workers,
-            )
-        return mine
+        shards = self.rank_shards()
+        if len(shards) >= num_workers:
+            return worker, num_workers, shards[worker::num_workers], 1
+        return worker, num_workers, shards, num_workers  # fewer shards than workers: share them by sample
+
+    def worker_shards(self) -> list[tuple[int, str]]:
+        """(shard index, path) of the shards the calling loader worker reads."""
+        return self._worker_plan()[2]
 
     def __len__(self) -> int:
-        """Samples in this rank's shards this epoch (counted once per shard from the tar headers)."""
+        """Samples this rank yields per epoch: `set_epoch_length`'s, else those in its shards (from the tar headers)."""
+        if self.epoch_batches is not None:
+            return self.epoch_batches * self.batch_size
         return sum(self._count(path) for _, path in self.rank_shards())
 
     def _count(self, path: str) -> int:
@@ -233,8 +256,9 @@ class TarShardDataset(IterableDataset):
             self.skipped[name] = reason
             logger.warning("skipping %s: %s (strict=True fails instead)", name, reason)
 
-    def _samples(self) -> Iterator[tuple[Any, int]]:
-        for shard_index, path in self.worker_shards():
+    def _samples(self, shards: list[tuple[int, str]], stride: int, worker: int, rep: int) -> Iterator[tuple[Any, int]]:
+        """One pass (`rep`, from 0) over `shards`, keeping the samples at positions = worker (mod stride)."""
+        for shard_index, path in shards:
             position = 0
             try:
                 for key, files in iter_tar_samples(path):
@@ -248,26 +272,57 @@ class TarShardDataset(IterableDataset):
                         self._skip(name, f"sample has members {sorted(files)}; it needs an image and a .cls label")
                         continue
                     position += 1
+                    if (position - 1) % stride != worker % stride:
+                        continue
                     try:
                         image = load_image(files[image_ext], name=f"{name}.{image_ext}", max_pixels=self.max_pixels)
                     except UnreadableImageError as err:
                         self._skip(err.path, err.reason)
                         continue
                     if self.transform is not None:
-                        with rng_scope(sample_seed(self.seed, self.epoch, shard_index, position - 1)):
+                        keys = (self.seed, self.epoch, shard_index, position - 1) + ((rep,) if rep else ())
+                        with rng_scope(sample_seed(*keys)):
                             image = self.transform(image)
                     yield image, label
             except (tarfile.TarError, OSError, EOFError) as err:
                 self._skip(path, f"damaged shard, stopped reading it ({type(err).__name__}: {err})")
 
+    def _stream(self) -> Iterator[tuple[Any, int]]:
+        """This worker's samples: one pass, or with an epoch length passes without end (cut by `__iter__`)."""
+        worker, num_workers, shards, stride = self._worker_plan()
+        for rep in itertools.count():
+            found = 0
+            for sample in self._samples(shards, stride, worker, rep):
+                found += 1
+                yield sample
+            if self.epoch_batches is None:
+                return
+            if not found:
+                names = ", ".join(path for _, path in shards) or "none"
+                raise RuntimeError(
+                    f"rank {self.rank} loader worker {worker}/{num_workers}: not one readable sample in its "
+                    f"shard(s) ({names}); check them with `cvt check-data`"
+                )
+
     def __iter__(self) -> Iterator[tuple[Any, int]]:
-        samples = self._samples()
-        if not self.shuffle or self.shuffle_buffer <= 1:
-            yield from samples
-            return
+        samples = self._stream()
         info = get_worker_info()
-        rng = random.Random(sample_seed(self.seed, self.epoch, self.rank, info.id if info is not None else 0))
-        buffer = list(itertools.islice(samples, self.shuffle_buffer))
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.epoch_batches is not None:
+            share = self.epoch_batches // num_workers + (worker < self.epoch_batches % num_workers)
+            quota = share * self.batch_size
+            if quota == 0:
+                return
+        else:
+            quota = None
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = self._shuffled(samples, worker, min(self.shuffle_buffer, quota or self.shuffle_buffer))
+        yield from itertools.islice(samples, quota)
+
+    def _shuffled(self, samples: Iterator[tuple[Any, int]], worker: int, size: int) -> Iterator[tuple[Any, int]]:
+        """`samples` through a shuffle buffer of `size` (seeded by epoch, rank and worker)."""
+        rng = random.Random(sample_seed(self.seed, self.epoch, self.rank, worker))
+        buffer = list(itertools.islice(samples, size))
         for sample in samples:
             i = rng.randrange(len(buffer))
             buffer[i], sample = sample, buffer[i]

@@ -16,6 +16,11 @@ scaler, EMA, the Python/NumPy/torch RNG states of every rank and the position in
 the batches already seen, so a run interrupted in the middle of an epoch ends bit-identical to an uninterrupted
 one (CPU, `deterministic=True`).
 
+Pre-emption: SIGTERM or SIGUSR1 stops the run at the next optimiser step, on every rank at the same step, with
+the full state in last.pt; `cvt train` then exits with code 75 (`PREEMPTED_EXIT_CODE`) and `--resume` continues
+bit-identically. `resume="auto"` (`--resume` without a path) resumes from last.pt when there is one and starts
+afresh otherwise, so the same command serves the first start and every restart (`torchrun --max-restarts`).
+
     config       TrainConfig, key=value overrides, config files
     rng          seeding, RNG states, deterministic algorithms
     distributed  the processes: environment, samplers, DDP/FSDP2, collective state
@@ -23,6 +28,7 @@ one (CPU, `deterministic=True`).
     build        data, loaders, model, optimiser, schedule, Mixup and loss of a run
     state        where a run stands, saved to and restored from its checkpoint
     run_dir      config.json, metrics.csv, summary.json, curves.png, TensorBoard
+    preempt      SIGTERM/SIGUSR1: stop at the next step on every rank, state saved
     loop         train(cfg) and the epoch loop
 """
 
@@ -38,12 +44,14 @@ from .config import (
 from .distributed import ResumableSampler
 from .finetune import finetune_config
 from .loop import train
+from .preempt import PREEMPTED_EXIT_CODE
 from .rng import rng_state, set_rng_state
 from .run_dir import plot_curves
 from .state import resolve_resume
 
 __all__ = [
     "AMP_MODES",
+    "PREEMPTED_EXIT_CODE",
     "ResumableSampler",
     "TrainConfig",
     "apply_overrides",

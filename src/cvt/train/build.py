@@ -103,7 +103,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         model = torch.compile(model)
 
     sampler, train_loader = build_train_loader(cfg, env, train_ds)
-    steps_per_epoch = count_steps(cfg, train_loader)
+    steps_per_epoch = count_steps(cfg, env, train_ds, train_loader)
     global_batch = cfg.batch_size * cfg.accum_steps * env.world_size
     lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.lr_per_256, global_batch)
     optimizer = create_optimizer(
@@ -257,18 +257,30 @@ def build_train_loader(cfg: TrainConfig, env: DistEnv, dataset: Dataset) -> tupl
     return sampler, loader
 
 
-def count_steps(cfg: TrainConfig, loader: DataLoader) -> int:
-    """Optimiser steps per epoch; a clear error when the data is too small for one."""
-    try:
+def count_steps(cfg: TrainConfig, env: DistEnv, dataset: Dataset, loader: DataLoader) -> int:
+    """Optimiser steps per epoch, the same on every rank; a clear error when the data is too small for one.
+
+    Map-style data: the sampler gives every rank the same number of indices (padding the last ones), so the
+    loader's length is it. Streaming data (tar shards) cannot know what an epoch of its shards yields (see
+    `cvt.data.shards`): the rank's share of all samples sets a fixed epoch length, that the dataset then yields.
+    """
+    if isinstance(dataset, IterableDataset):
+        if not hasattr(dataset, "set_epoch_length"):
+            raise ValueError(f"streaming dataset {type(dataset).__name__} cannot fix its epoch length; use tar shards")
+        per_rank = dataset.total_samples() // env.world_size
+        batches = per_rank // cfg.batch_size
+        what = f"{per_rank} sample(s) per process ({dataset.total_samples()} over {env.world_size})"
+    else:
         batches = len(loader)
-    except TypeError as err:
-        raise ValueError("the training set has no length: streaming datasets must define __len__") from err
+        what = f"{batches} batch(es) of {cfg.batch_size} per process"
     steps = batches // cfg.accum_steps
     if steps < 1:
         raise ValueError(
-            f"one epoch has {batches} batch(es) of {cfg.batch_size} per process: fewer than "
-            f"accum_steps={cfg.accum_steps}; lower batch_size or accum_steps"
+            f"one epoch has {what}: fewer than batch_size={cfg.batch_size} x accum_steps={cfg.accum_steps}; "
+            "lower batch_size or accum_steps"
         )
+    if isinstance(dataset, IterableDataset):
+        dataset.set_epoch_length(steps * cfg.accum_steps, cfg.batch_size)
     return steps
 
 

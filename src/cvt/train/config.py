@@ -77,7 +77,8 @@ class TrainConfig:
         seed: seed of the model initialisation, the data order and per-rank randomness (seed + rank).
         deterministic: `torch.use_deterministic_algorithms(True)` for bit-exact reruns.
         output: run directory.
-        resume: checkpoint to resume from: a .pt file, a run directory, or "auto" for `output`/last.pt.
+        resume: checkpoint to resume from: a .pt file, a run directory, or "auto" for `output`/last.pt when there
+            is one (a new run otherwise: the setting for `torchrun --max-restarts` and re-queued jobs).
         max_steps: stop (with a checkpoint) after this many optimiser steps of the run, e.g. to split a job.
         save_every_steps: also write last.pt every this many optimiser steps.
         progress: tqdm progress bars (only on a terminal, only on rank 0).

@@ -15,6 +15,7 @@ from ..engine import EpochMeter, NonFiniteLossError, evaluate, train_one_epoch
 from .build import Run, build_run, check_options
 from .config import TrainConfig
 from .distributed import DistEnv, setup_env, sync_buffers, teardown_env
+from .preempt import PREEMPTED_EXIT_CODE, StopRequest
 from .rng import deterministic
 from .run_dir import RunDir
 from .state import TrainState, resolve_resume, restore, save_checkpoint
@@ -38,7 +39,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with deterministic(cfg.deterministic):
             check_options(cfg, env)
-            resume = resolve_resume(cfg.resume, cfg.output) if cfg.resume is not None else None
+            resume = resolve_resume(cfg.resume, cfg.output, fresh_ok=True) if cfg.resume is not None else None
             output = Path(cfg.output)
             if resume is None and (output / "last.pt").exists():
                 raise ValueError(f"{output} already holds a run (last.pt): resume it or choose another output")
@@ -59,16 +60,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 run.lr,
                 run.steps_per_epoch,
             )
-            completed = False
+            status = "stopped"
             try:
-                completed = _epochs(cfg, env, run, state, run_dir)
+                with StopRequest().installed() as stop:
+                    status = _epochs(cfg, env, run, state, run_dir, stop)
             except NonFiniteLossError as err:
                 last = run_dir.path / "last.pt"
                 kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
                 raise _with_note(err, f"training stopped; {kept}") from err
             finally:
                 run_dir.close(state.history)
-            summary = _summary(cfg, env, run, state, run_dir, completed)
+            summary = _summary(cfg, env, run, state, run_dir, status == "completed")
+            summary["preempted"] = stop.agreed
             run_dir.write_summary(summary)
             return summary
     finally:
@@ -76,11 +79,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         teardown_env(env)
 
 
-def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir) -> bool:
-    """Train from where `state` stands to the end; False when stopped early by `max_steps`."""
+def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir, stop: StopRequest) -> str:
+    """Train from where `state` stands to the end: "completed", "stopped" (by `max_steps`) or "preempted" (by a
+    signal, see `preempt`; the state is saved at the step where every rank stopped)."""
     while state.epoch < cfg.epochs:
         if _stop(cfg, state):
-            return False
+            return "stopped"
+        if stop.check(env):
+            return _preempted(cfg, env, run, state, run_dir, stop)
         started = time.perf_counter()
         result = train_one_epoch(
             run.model,
@@ -102,16 +108,25 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             start_step=state.step,
             global_step=state.global_step,
             max_steps=_next_stop(cfg, state.global_step),
+            should_stop=lambda: stop.check(env),
             meter=state.meter,
             progress=_progress(cfg, env),
         )
+        if not result.finished and not stop.agreed and result.global_step != _next_stop(cfg, state.global_step):
+            raise RuntimeError(
+                f"epoch {state.epoch + 1}: the training data ran out after step {result.step} of "
+                f"{run.steps_per_epoch} (rank {env.rank}); the data changed while training, or its loader "
+                "yields fewer batches than it counts"
+            )
         state.step, state.global_step = result.step, result.global_step
         state.elapsed += time.perf_counter() - started
-        if not result.finished:  # stopped inside the epoch: by max_steps or for a periodic checkpoint
+        if not result.finished:  # stopped inside the epoch: by max_steps, a signal or for a periodic checkpoint
+            if stop.agreed:
+                return _preempted(cfg, env, run, state, run_dir, stop)
             save_checkpoint(run_dir.path / "last.pt", run, state, cfg, env)
             if _stop(cfg, state):
                 logger.info("stopped after %d step(s) (max_steps); resume with --resume", state.global_step)
-                return False
+                return "stopped"
             continue
         started = time.perf_counter()
         row = {
@@ -137,8 +152,27 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             save_checkpoint(run_dir.path / "best.pt", run, state, cfg, env, full=False)
         if _stop(cfg, state) and state.epoch < cfg.epochs:
             logger.info("stopped after %d step(s) (max_steps); resume with --resume", state.global_step)
-            return False
-    return True
+            return "stopped"
+    return "completed"
+
+
+def _preempted(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir, stop: StopRequest) -> str:
+    """Save the full state where every rank stopped, and say so."""
+    last = run_dir.path / "last.pt"
+    save_checkpoint(last, run, state, cfg, env)
+    if env.main:
+        logger.warning(
+            "%s: stopped at epoch %d, step %d (global step %d) with the full state saved to %s; continue with "
+            "`cvt train --resume %s` (exit code %d)",
+            stop.agreed,
+            state.epoch + 1,
+            state.step,
+            state.global_step,
+            last,
+            run_dir.path,
+            PREEMPTED_EXIT_CODE,
+        )
+    return "preempted"
 
 
 def _stop(cfg: TrainConfig, state: TrainState) -> bool:

@@ -52,12 +52,22 @@ class TrainState:
     elapsed: float = 0.0
 
 
-def resolve_resume(resume: str, output: str | os.PathLike) -> Path:
-    """The checkpoint file `resume` names: a file, a run directory (its last.pt), or "auto" (output/last.pt)."""
-    path = Path(output) / "last.pt" if resume in ("auto", "", "last") else Path(resume)
+AUTO_RESUME = ("auto", "", "last")
+
+
+def resolve_resume(resume: str, output: str | os.PathLike, *, fresh_ok: bool = False) -> Path | None:
+    """The checkpoint file `resume` names: a file, a run directory (its last.pt), or "auto" (output/last.pt).
+
+    With `fresh_ok`, "auto" where `output` holds no last.pt gives None (start a new run): one command line then
+    serves the first start and every restart.
+    """
+    path = Path(output) / "last.pt" if resume in AUTO_RESUME else Path(resume)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
+        if fresh_ok and resume in AUTO_RESUME:
+            logger.info("no checkpoint at %s: starting a new run", path)
+            return None
         raise FileNotFoundError(f"no checkpoint to resume from at {path}")
     return path
 
