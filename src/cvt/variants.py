@@ -1,7 +1,8 @@
 """The registered CvT variants and their released weights, as plain data: no model is built here.
 
 `VARIANTS` maps a name to its architecture and its released weights by tag; `resolve` splits "name.tag",
-`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config, and
+`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config,
+`variant_model_name` names a model whose architecture departs from its variant's (`cvt_13-custom`), and
 `imagenet_classes` are the class names of every released 1000-class head. `cvt.factory.create_model` builds them.
 """
 
@@ -88,6 +89,20 @@ def match_variant(cfg: CvTConfig) -> str | None:
         if dataclasses.replace(cfg, **same) == variant:
             return name
     return None
+
+
+CUSTOM_SUFFIX = "-custom"
+
+
+def variant_model_name(name: str, cfg: CvTConfig) -> str:
+    """The name a model of architecture `cfg` carries when built or loaded as `name` (a registered `arch[.tag]`
+    or whatever a checkpoint recorded): `name` itself while `cfg` is that variant's architecture (classes, drop
+    rates and the activation aside), else `arch-custom`, so that a narrowed or deepened model is never labelled
+    with the tag of released weights it does not have. Its config records what changed."""
+    arch = name.partition(".")[0]
+    if arch not in VARIANTS or match_variant(cfg) == arch:
+        return name
+    return f"{arch}{CUSTOM_SUFFIX}"
 
 
 def find_official_file(file_name: str) -> tuple[str, PretrainedCfg] | None:
