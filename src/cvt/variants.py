@@ -56,6 +56,22 @@ VARIANTS: dict[str, tuple[CvTConfig, dict[str, PretrainedCfg]]] = {
 }
 
 
+# name -> (trainable parameters, {square input size: multiply-accumulates per image}), as `cvt.flops.model_cost`
+# counts them (torch's FlopCounterMode / 2; the SPEC's table): what `cvt list` prints without building a model.
+# tests/test_flops.py recounts one and compares all with the spec figures.
+PRECOMPUTED_COSTS: dict[str, tuple[int, dict[int, int]]] = {
+    "cvt_13": (19_997_480, {224: 4_566_089_216, 384: 16_269_359_616}),
+    "cvt_21": (31_622_696, {224: 7_177_985_024, 384: 24_849_091_584}),
+    "cvt_w24": (277_196_392, {224: 60_917_313_536, 384: 194_221_654_016}),
+}
+
+
+def precomputed_cost(name: str, size: int) -> tuple[int, int] | None:
+    """(parameters, MACs) of a registered variant (1000 classes) at `size` x `size`, if precomputed."""
+    params, macs = PRECOMPUTED_COSTS.get(name, (0, {}))
+    return (params, macs[size]) if size in macs else None
+
+
 def list_models(pretrained: bool = False) -> list[str]:
     """Registered variant names; with `pretrained`, every `name.tag` that has released weights."""
     if not pretrained:
