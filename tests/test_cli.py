@@ -17,3 +17,16 @@ def test_info(capsys):
 def test_info_unknown_model(capsys):
     assert main(["info", "cvt_14"]) == 1
     assert "known models: cvt_13" in capsys.readouterr().err
+
+
+def test_list_prints_precomputed_counts_without_counting(monkeypatch, capsys):
+    import cvt.cli.info
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("cvt list counted MACs (seconds per model) instead of using the precomputed table")
+
+    monkeypatch.setattr(cvt.cli.info, "model_cost", no_counting)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "| cvt_13 | 19,997,480 | 4.57 | 16.27 |" in out  # the spec's figures
+    assert "| cvt_w24 | 277,196,392 | 60.92 | 194.22 |" in out

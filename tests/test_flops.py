@@ -4,6 +4,7 @@ import pytest
 
 import cvt
 from cvt.flops import model_cost
+from cvt.variants import precomputed_cost
 
 # name: (params exact, GMACs @224, GMACs @384), from shared/SPEC.md
 SPEC = {
@@ -26,6 +27,9 @@ def test_params_and_macs(name):
     assert p224 == params
     assert m224 / 1e9 == pytest.approx(gmacs224, rel=0.01)
     assert m384 / 1e9 == pytest.approx(gmacs384, rel=0.01)
+    # what `cvt list` prints without counting: the same counts, and the spec's figures to the printed digits
+    assert precomputed_cost(name, 224) == (p224, m224) and precomputed_cost(name, 384) == (params, m384)
+    assert (round(m224 / 1e9, 2), round(m384 / 1e9, 2)) == (gmacs224, gmacs384)
 
 
 def test_kv_stride_1_costs_more():

@@ -117,6 +117,5 @@ def test_export_transformers_cannot_run_is_refused(tmp_path, capsys):
         cvt.save_model(demo, tmp_path / "hf", format="hf")
     assert not (tmp_path / "hf").exists()
     cvt.save_model(demo, tmp_path / "own")
-    # a failure, not a usage error (exit codes: 2 usage, 1 failure)
     assert main(["convert", str(tmp_path / "own"), str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "IndexError" in capsys.readouterr().err and not (tmp_path / "hf").exists()

@@ -49,17 +49,17 @@ def test_named_weights_load_offline_from_the_cache(hub_cache):
     model = cvt.create_model("cvt_13", pretrained=True, **TINY_ARCH)
     expected, loaded = source.state_dict(), model.state_dict()
     assert list(expected) == list(loaded) and all(torch.equal(expected[k], loaded[k]) for k in expected)
-    assert model.model_name == "cvt_13.in1k" and model.data_config.input_size == (224, 224)
+    assert model.model_name == "cvt_13-custom" and model.data_config.input_size == (224, 224)  # tiny, not in1k
     assert model.num_classes == 10 and model.cfg.act == "quick_gelu"
     # resolve_model: a registered name that is not a path gets its released weights
-    assert cvt.resolve_model("cvt_13", **TINY_ARCH).model_name == "cvt_13.in1k"
+    assert cvt.resolve_model("cvt_13", **TINY_ARCH).model_name == "cvt_13-custom"
 
 
 def test_tagged_weights_and_pytorch_bin_fallback(hub_cache):
     source = CvT(TINY)
     fill_cache(hub_cache, "microsoft/cvt-21-384-22k", source, weights="pytorch_model.bin")
     model = cvt.create_model("cvt_21.in22k_ft_384", pretrained=True, num_classes=4, **TINY_ARCH)
-    assert model.model_name == "cvt_21.in22k_ft_384" and model.data_config.input_size == (384, 384)
+    assert model.model_name == "cvt_21-custom" and model.data_config.input_size == (384, 384)
     assert model.head.weight.shape == (4, 48)
     assert torch.equal(model.stages[2].cls_token, source.stages[2].cls_token)
 

@@ -122,6 +122,7 @@ def test_training_learns_and_fills_the_run_directory(shapes, tmp_path):
     assert float(rows[5]["lr"]) == pytest.approx(1e-5 + 1.495e-3 * (1 - 0.8660254037844387))
     assert float(rows[3]["throughput"]) > 0
     assert list((run / "tb").glob("events.out.tfevents.*"))  # TensorBoard logging
+    assert cvt.load_model(run / "best.pt").model_name == "cvt_13-custom"  # TINY widths: not the in1k weights
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["completed"] and summary["epochs_done"] == 6 and summary["global_step"] == 24
     assert summary["best_top1"] == max(float(r["val_top1"]) for r in rows)

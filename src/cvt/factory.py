@@ -21,7 +21,7 @@ from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check
 from .features import CvTFeatures
 from .hub import download_weights
 from .model import CvT
-from .variants import find_official_file, imagenet_classes, match_variant, model_config, resolve
+from .variants import find_official_file, imagenet_classes, match_variant, model_config, resolve, variant_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def create_model(
     if pretrained:
         return load_pretrained(cfg, pretrained_cfg, pretrained, num_classes=num_classes, model_name=f"{arch}.{tag}")
     model = CvT(cfg)
-    model.model_name = f"{arch}.{tag}"
+    model.model_name = variant_model_name(f"{arch}.{tag}", cfg)
     model.data_config = pretrained_cfg.data
     model.pretrained_cfg = pretrained_cfg
     return model
@@ -161,7 +161,7 @@ def build_model(
     model.pretrained_cfg = pretrained_cfg
     model.data_config = ckpt.data_config or (pretrained_cfg.data if pretrained_cfg else DataConfig())
     model.class_names = class_names
-    model.model_name = model_name or ckpt.model_name or inferred_name or "cvt_custom"
+    model.model_name = variant_model_name(model_name or ckpt.model_name or inferred_name or "cvt_custom", cfg)
     return model
 
 

@@ -1,7 +1,8 @@
 """The registered CvT variants and their released weights, as plain data: no model is built here.
 
 `VARIANTS` maps a name to its architecture and its released weights by tag; `resolve` splits "name.tag",
-`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config, and
+`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config,
+`variant_model_name` names a model whose architecture departs from its variant's (`cvt_13-custom`), and
 `imagenet_classes` are the class names of every released 1000-class head. `cvt.factory.create_model` builds them.
 """
 
@@ -55,6 +56,22 @@ VARIANTS: dict[str, tuple[CvTConfig, dict[str, PretrainedCfg]]] = {
 }
 
 
+# name -> (trainable parameters, {square input size: multiply-accumulates per image}), as `cvt.flops.model_cost`
+# counts them (torch's FlopCounterMode / 2; the SPEC's table): what `cvt list` prints without building a model.
+# tests/test_flops.py recounts one and compares all with the spec figures.
+PRECOMPUTED_COSTS: dict[str, tuple[int, dict[int, int]]] = {
+    "cvt_13": (19_997_480, {224: 4_566_089_216, 384: 16_269_359_616}),
+    "cvt_21": (31_622_696, {224: 7_177_985_024, 384: 24_849_091_584}),
+    "cvt_w24": (277_196_392, {224: 60_917_313_536, 384: 194_221_654_016}),
+}
+
+
+def precomputed_cost(name: str, size: int) -> tuple[int, int] | None:
+    """(parameters, MACs) of a registered variant (1000 classes) at `size` x `size`, if precomputed."""
+    params, macs = PRECOMPUTED_COSTS.get(name, (0, {}))
+    return (params, macs[size]) if size in macs else None
+
+
 def list_models(pretrained: bool = False) -> list[str]:
     """Registered variant names; with `pretrained`, every `name.tag` that has released weights."""
     if not pretrained:
@@ -88,6 +105,20 @@ def match_variant(cfg: CvTConfig) -> str | None:
         if dataclasses.replace(cfg, **same) == variant:
             return name
     return None
+
+
+CUSTOM_SUFFIX = "-custom"
+
+
+def variant_model_name(name: str, cfg: CvTConfig) -> str:
+    """The name a model of architecture `cfg` carries when built or loaded as `name` (a registered `arch[.tag]`
+    or whatever a checkpoint recorded): `name` itself while `cfg` is that variant's architecture (classes, drop
+    rates and the activation aside), else `arch-custom`, so that a narrowed or deepened model is never labelled
+    with the tag of released weights it does not have. Its config records what changed."""
+    arch = name.partition(".")[0]
+    if arch not in VARIANTS or match_variant(cfg) == arch:
+        return name
+    return f"{arch}{CUSTOM_SUFFIX}"
 
 
 def find_official_file(file_name: str) -> tuple[str, PretrainedCfg] | None:

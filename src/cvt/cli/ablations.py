@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Params and GMACs are counted here (meta device); paper figures are as printed, '-' where the table has none. "
         "Deltas are against the CvT-13 baseline: ours for params/GMACs, the table's own baseline row for top-1.",
     )
-    p.add_argument("--res", type=int, default=224, help="input size to count at (square; default 224)")
+    p.add_argument("--input-size", "--res", dest="input_size", type=int, default=224, metavar="N",
+                   help="input size to count at (square; default 224)")  # fmt: skip
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these ablations (default: all)")
     p.add_argument(
         "--train-commands",
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_commands:
         print(train_commands(args.only))
         return 0
-    print(ablation_table(args.res, args.only))
+    print(ablation_table(args.input_size, args.only))
     print(
         "\nParams: trainable (position embeddings laid out for the counted size). GMACs: convolutions, linear layers"
         " and both attention matmuls, as the spec counts them; the paper's 'FLOPs' are the same quantity (MACs)."

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from cvt.checkpoint import SAVE_FORMATS, save_model
+from cvt.cli.usage import DeprecatedAlias, UsageError
 from cvt.factory import create_model, load_model
 
 
@@ -22,7 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output: a folder for --to cvt/hf, a file for --to official")
     p.add_argument("--to", required=True, choices=SAVE_FORMATS, help="output format")
     p.add_argument(
+        "--arch",
         "--model",
+        action=DeprecatedAlias,
+        old="--model",  # everywhere else --model is the model to use, here it only names an architecture
         default=None,
         help="architecture as a registered name (cvt_13, cvt_21.in1k_384) when SRC does not record it; "
         "default: read from SRC or inferred from its weights",
@@ -32,10 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model:
+    if args.arch:
         if args.ema:
-            raise ValueError("--ema reads a training checkpoint, which records its architecture: drop --model")
-        model = create_model(args.model, pretrained=args.src)
+            raise UsageError("--ema reads a training checkpoint, which records its architecture: drop --arch")
+        model = create_model(args.arch, pretrained=args.src)
     else:
         model = load_model(args.src, ema=args.ema)
     path = save_model(model, args.dst, format=args.to)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from cvt.cli.usage import add_json_option
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
 from cvt.predict import evaluate_model, plot_confusion
@@ -17,9 +18,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint path (any format) or registered name[.tag]")
     p.add_argument("--data", required=True, help="dataset: class folders, a folder with a val/ split, CSV or tar")
     p.add_argument("--split", default=None, help="split to evaluate (default: val/ when the folder has one)")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE ('-': stdout)")
+    add_json_option(p, "the results")
     p.add_argument("--output", default="runs/eval", help="folder for eval.json and confusion.png (default runs/eval)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")

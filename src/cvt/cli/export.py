@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from cvt.cli.usage import UsageError
 from cvt.export import DEFAULT_OPSET, FORMATS, export
 from cvt.factory import resolve_model
 
@@ -17,18 +18,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument(
-        "--input-size", type=int, nargs="+", default=None, help="example size N or H W (default: the model's)"
+        "--input-size",
+        "--res",
+        dest="input_size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="example size N or H W (default: the model's)",
     )
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to PyTorch accepted")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="device the model is loaded on and its PyTorch reference computed (the file is device-free)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.input_size is not None and len(args.input_size) not in (1, 2):
-        raise ValueError(f"--input-size takes N or H W, got {args.input_size}")
-    model = resolve_model(args.model)
+        raise UsageError(f"--input-size takes N or H W, got {args.input_size}")
+    model = resolve_model(args.model).to(args.device)
     result = export(
         model,
         args.output,

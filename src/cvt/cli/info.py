@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from cvt.cli.usage import UsageError
 from cvt.config import DataConfig
 from cvt.flops import model_cost
-from cvt.variants import VARIANTS, model_config, resolve
+from cvt.variants import VARIANTS, model_config, precomputed_cost, resolve
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("list", help="list the registered models and their released weights")
-    p.add_argument("--res", type=int, nargs="*", default=[224, 384], help="resolutions to count GMACs at")
+    p.add_argument("--input-size", "--res", dest="input_size", type=int, nargs="*", default=[224, 384],
+                   metavar="N", help="square input sizes, one GMACs column each (default: 224 384)")  # fmt: skip
     p.set_defaults(func=run_list)
     p = subparsers.add_parser("info", help="parameters, GMACs and configuration of one model")
-    p.add_argument("model", help="registered name, optionally with a weights tag (cvt_13, cvt_21.in1k_384)")
-    p.add_argument("--res", type=int, nargs="+", default=None, help="input size: N or H W (default: the weights')")
+    p.add_argument("--model", help="registered name, optionally with a weights tag (cvt_13, cvt_21.in1k_384)")
+    p.add_argument("model_positional", nargs="?", metavar="MODEL", help="deprecated spelling of --model")
+    p.add_argument("--input-size", "--res", dest="input_size", type=int, nargs="+", default=None,
+                   help="input size: N or H W (default: the weights')")  # fmt: skip
     p.set_defaults(func=run_info)
 
 
@@ -24,7 +29,7 @@ def model_table(resolutions: list[int]) -> str:
     head = "| model | params | " + " | ".join(f"GMACs @{r}" for r in resolutions) + " | weights (tag: top-1) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, (cfg, tags) in VARIANTS.items():
-        macs = [model_cost(cfg, (r, r)) for r in resolutions]
+        macs = [precomputed_cost(name, r) or model_cost(cfg, (r, r)) for r in resolutions]
         weights = ", ".join(f"{tag}: {w.top1}" for tag, w in tags.items())
         cells = " | ".join(f"{m / 1e9:.2f}" for _, m in macs)
         lines.append(f"| {name} | {macs[0][0]:,} | {cells} | {weights} |")
@@ -32,15 +37,25 @@ def model_table(resolutions: list[int]) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    print(model_table(args.res))
+    print(model_table(args.input_size))
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
-    arch, _, tag, weights = resolve(args.model)
-    cfg = model_config(args.model)
+    if args.model and args.model_positional:
+        raise UsageError("give the model once: --model NAME")
+    if args.model_positional:
+        print(f"cvt info: the positional MODEL is deprecated, use --model {args.model_positional}", file=sys.stderr)
+    name = args.model or args.model_positional
+    if not name:
+        raise UsageError("pass --model NAME (a registered name, e.g. cvt_13 or cvt_21.in1k_384)")
+    arch, _, tag, weights = resolve(name)
+    cfg = model_config(name)
     data: DataConfig = weights.data
-    size = tuple(args.res * 2 if len(args.res) == 1 else args.res[:2]) if args.res else data.input_size
+    sizes = args.input_size
+    if sizes is not None and len(sizes) > 2:
+        raise UsageError(f"--input-size takes N or H W, got {sizes}")
+    size = tuple(sizes * 2 if len(sizes) == 1 else sizes) if sizes else data.input_size
     params, macs = model_cost(cfg, size)
     print(f"model:       {arch}.{tag}")
     print(f"parameters:  {params:,}")

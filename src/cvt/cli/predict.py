@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from cvt.cli.usage import add_json_option
 from cvt.factory import resolve_model
+from cvt.fileio import write_json
 from cvt.predict import list_images, predict_images
 
 
@@ -14,8 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint path (any format) or registered name[.tag]")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--batch-size", type=int, default=32)
+    add_json_option(p, "the predictions")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
     p.set_defaults(func=run)
@@ -40,5 +42,11 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         optimize=not args.no_optimize,
     )
-    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    if args.json == "-":
+        print(json.dumps(results, indent=2))
+        return 0
+    print(format_predictions(results))
+    if args.json:
+        write_json(results, args.json)
+        print(f"JSON: {args.json}")
     return 0

@@ -48,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="resume from a checkpoint or run directory (default: OUTPUT/last.pt); without --config the "
                    "run's own config is used")  # fmt: skip
     p.add_argument("--output", help="run directory (overrides the config's `output`)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="where to train (overrides the config's `device`; auto: CUDA when available)")  # fmt: skip
     p.set_defaults(func=run)
 
     p = subparsers.add_parser("configs", help="list the shipped training configs with the paper's figures",
@@ -63,6 +65,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         extra.append(f"data={args.data!r}")
     if args.output:
         extra.append(f"output={args.output!r}")
+    if args.device:
+        extra.append(f"device={args.device!r}")
     if args.config:
         cfg = load_config(args.config, [*extra, *([f"init={args.model!r}"] if args.model else [])])
     elif args.model:

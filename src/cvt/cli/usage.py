@@ -1,5 +1,44 @@
-"""`UsageError`: the arguments given cannot work together, found after parsing (exit code 2, as argparse's own)."""
+"""Command-line usage helpers: `UsageError` (arguments found not to work together after parsing: exit code 2, as
+argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it) and
+`add_json_option` (the one `--json [FILE]` of the commands that report results)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
 
 
 class UsageError(ValueError):
     """A combination of command-line arguments that cannot work; `cvt` prints it in one line and exits 2."""
+
+
+def _json_target(value: str) -> str:
+    if value != "-" and not value.endswith(".json"):  # e.g. `--json photo.jpg folder/`: never overwrite an image
+        raise argparse.ArgumentTypeError(f"takes a .json file or '-' (stdout), got {value!r}")
+    return value
+
+
+def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--json [FILE]`: `what` as JSON to FILE (a .json file), or to stdout without FILE or with '-'."""
+    parser.add_argument("--json", nargs="?", const="-", default=None, type=_json_target, metavar="FILE",
+                        help=f"{what} as JSON: to FILE (.json), or to stdout instead of text without FILE or "
+                        "with '-'")  # fmt: skip
+
+
+class DeprecatedAlias(argparse.Action):
+    """Store the value like `store`; given under `old` (one of the option strings), print one deprecation line.
+
+    Use: `p.add_argument("--arch", "--model", action=DeprecatedAlias, old="--model", ...)`.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, *, old: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.old = old
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        if option_string == self.old:
+            new = next(s for s in self.option_strings if s != self.old)
+            print(f"{parser.prog}: {self.old} is deprecated here, use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)

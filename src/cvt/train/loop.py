@@ -50,7 +50,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             logger.info(
                 "training %s on %d image(s), %d class(es): %d process(es) x batch %d x accumulation %d = %d, "
                 "lr %.3g, %d step(s) per epoch",
-                cfg.init or cfg.model,
+                f"{run.net.model_name} from {cfg.init}" if cfg.init else getattr(run.net, "model_name", cfg.model),
                 len(run.train_ds),
                 len(run.classes),
                 env.world_size,
