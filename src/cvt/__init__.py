@@ -1,5 +1,6 @@
 """cvt: CvT (Convolutional vision Transformer) faithful to the authors' code, with training, evaluation and export."""
 
+from . import data  # cvt.data.resolve_data_config / create_transform, as timm.data
 from .checkpoint import save_model
 from .config import CvTConfig, DataConfig, PretrainedCfg
 from .export import export_onnx, export_torchscript
@@ -19,6 +20,7 @@ __all__ = [
     "DataConfig",
     "PretrainedCfg",
     "count_macs",
+    "data",
     "count_params",
     "create_model",
     "export_onnx",

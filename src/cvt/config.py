@@ -8,6 +8,7 @@ from typing import Any
 
 QKV_METHODS = ("dw_bn", "avg", "linear")
 ACTIVATIONS = ("quick_gelu", "gelu")
+GLOBAL_POOLS = (None, "token", "avg")
 # `CvTConfig` fields that do not change which weights fit or what the model computes in eval mode
 TRAINING_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "num_classes")
 
@@ -60,6 +61,8 @@ class CvTConfig:
         norm_eps: LayerNorm epsilon.
         in_chans: input channels.
         num_classes: classifier outputs; 0 for no head.
+        global_pool: what the head reads: "token" (the class token) or "avg" (the mean of the spatial tokens);
+            None for the official choice, "token" with a class token in the last stage, else "avg".
     """
 
     dims: tuple[int, ...] = (64, 192, 384)
@@ -84,6 +87,7 @@ class CvTConfig:
     norm_eps: float = 1e-5
     in_chans: int = 3
     num_classes: int = 1000
+    global_pool: str | None = None
 
     def __post_init__(self) -> None:
         num_stages = len(self.dims) if isinstance(self.dims, (tuple, list)) else len(self.depths)
@@ -98,6 +102,10 @@ class CvTConfig:
         for method in self.qkv_method:
             if method not in QKV_METHODS:
                 raise ValueError(f"CvTConfig.qkv_method {method!r} is not one of {QKV_METHODS}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"CvTConfig.global_pool {self.global_pool!r} is not one of {GLOBAL_POOLS}")
+        if self.global_pool == "token" and not self.cls_token[-1]:
+            raise ValueError("CvTConfig.global_pool='token' needs a class token in the last stage (cls_token)")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"CvTConfig.act {self.act!r} is not one of {ACTIVATIONS}")
         for i, (dim, heads) in enumerate(zip(self.dims, self.heads, strict=True)):
@@ -107,6 +115,11 @@ class CvTConfig:
     @property
     def num_stages(self) -> int:
         return len(self.dims)
+
+    @property
+    def pool(self) -> str:
+        """The head's pooling: `global_pool`, or the official choice when it is None."""
+        return self.global_pool or ("token" if self.cls_token[-1] else "avg")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists)."""
@@ -174,9 +187,11 @@ class PretrainedCfg:
         official_file: file name of the authors' release.
         data: evaluation data config of these weights.
         top1: ImageNet-1k top-1 the paper reports for these weights.
+        license: licence of the weights (the authors' repository's, MIT).
     """
 
     hf_hub_id: str
     official_file: str
     data: DataConfig = field(default_factory=DataConfig)
     top1: float | None = None
+    license: str | None = "mit"

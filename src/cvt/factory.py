@@ -28,11 +28,13 @@ logger = logging.getLogger(__name__)
 
 def create_model(
     name: str,
+    pretrained: bool | str | os.PathLike | None = None,
     *,
     num_classes: int | None = None,
-    pretrained: bool | str | None = None,
     features_only: bool = False,
     out_indices: int | Sequence[int] = (0, 1, 2),
+    global_pool: str | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> CvT | CvTFeatures:
     """Build a registered CvT variant.
@@ -45,12 +47,20 @@ def create_model(
         features_only: return a backbone (`cvt.features.CvTFeatures`) giving the stage maps selected by
             `out_indices` instead of logits; the full model is built (and its weights loaded) first, then cut.
         out_indices: with `features_only`, the stages whose maps to return.
+        global_pool: what the head reads, "token" (the class token) or "avg" (the mean of the spatial tokens);
+            None for the variant's (the class token). timm's argument; `CvTConfig.global_pool`.
+        checkpoint_path: a checkpoint (any supported format) to load into the created model, as timm's
+            argument: the same as `pretrained=checkpoint_path`, and it wins over `pretrained`.
         **overrides: `CvTConfig` fields to change, e.g. `act="gelu"`, `qkv_method="linear"`, `drop_path_rate=0.2`.
 
     Returns:
         The model, with `data_config` (evaluation preprocessing), `class_names` (None for random init),
         `model_name` and `pretrained_cfg` attributes; loaded weights come in eval mode.
     """
+    if checkpoint_path is not None:
+        pretrained = checkpoint_path
+    if global_pool is not None:
+        overrides["global_pool"] = global_pool
     if features_only:
         return CvTFeatures(create_model(name, num_classes=num_classes, pretrained=pretrained, **overrides), out_indices)
     arch, _, tag, pretrained_cfg = resolve(name)
@@ -62,7 +72,7 @@ def create_model(
     model = CvT(cfg)
     model.model_name = variant_model_name(f"{arch}.{tag}", cfg)
     model.data_config = pretrained_cfg.data
-    model.pretrained_cfg = pretrained_cfg
+    model.pretrained_entry = pretrained_cfg
     return model
 
 
@@ -158,7 +168,7 @@ def build_model(
             "%s lists %d class names for %d classes; ignoring them", ckpt.source, len(class_names), cfg.num_classes
         )
         class_names = None
-    model.pretrained_cfg = pretrained_cfg
+    model.pretrained_entry = pretrained_cfg
     model.data_config = ckpt.data_config or (pretrained_cfg.data if pretrained_cfg else DataConfig())
     model.class_names = class_names
     model.model_name = variant_model_name(model_name or ckpt.model_name or inferred_name or "cvt_custom", cfg)

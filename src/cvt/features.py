@@ -14,23 +14,70 @@ import torch
 from torch import nn
 
 from .model import CvT
+from .timm_interface import PretrainedCfgMixin, take_indices
 
 
 def _normalise_indices(out_indices: int | Sequence[int], num_stages: int) -> tuple[int, ...]:
-    """Resolve negative indices, an int n meaning the last n stages; sorted, unique, range-checked."""
-    if isinstance(out_indices, int):
-        out_indices = range(num_stages - out_indices, num_stages)
-    indices = []
-    for i in out_indices:
-        if not -num_stages <= i < num_stages:
-            raise ValueError(f"out_indices {tuple(out_indices)} out of range for a model with {num_stages} stages")
-        indices.append(i % num_stages)
-    if not indices:
-        raise ValueError("out_indices is empty: select at least one stage")
-    return tuple(sorted(set(indices)))
+    """Resolve negative indices, an int n meaning the last n stages (`take_indices`); sorted, unique."""
+    try:
+        taken, _ = take_indices(num_stages, out_indices)
+    except ValueError as err:
+        raise ValueError(f"out_indices: {err}") from None
+    return tuple(sorted(set(taken)))
 
 
-class CvTFeatures(nn.Module):
+class FeatureInfo:
+    """What a backbone's maps are, as timm's `FeatureInfo`: one dict per stage kept (`num_chs`, `reduction`,
+    `module`, `index`), and the selected ones (`out_indices`).
+
+    The accessors answer for the selected stages by default (`channels()` -> [64, 192, 384]), for stage `idx`
+    with an int, or for each stage of a list; `info[i]` and `len(info)` are over every stage kept.
+    """
+
+    def __init__(self, info: list[dict[str, Any]], out_indices: Sequence[int]) -> None:
+        self.info = [{**entry, "index": i} for i, entry in enumerate(info)]
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        """`key` of each selected stage (None), of stage `idx`, or of each stage in a list."""
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, (tuple, list)):
+            return [self.info[i][key] for i in idx]
+        return self.info[idx][key]
+
+    def get_dicts(
+        self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None
+    ) -> list[dict[str, Any]] | dict[str, Any]:
+        """The info dicts (only `keys`, if given) of the selected stages, of stage `idx`, or of a list of them."""
+
+        def pick(i: int) -> dict[str, Any]:
+            return dict(self.info[i]) if keys is None else {k: self.info[i][k] for k in keys}
+
+        if idx is None:
+            return [pick(i) for i in self.out_indices]
+        return [pick(i) for i in idx] if isinstance(idx, (tuple, list)) else pick(idx)
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Channels of the maps."""
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Strides of the maps relative to the input."""
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        """Names of the modules whose outputs the maps are."""
+        return self.get("module", idx)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+
+class CvTFeatures(PretrainedCfgMixin, nn.Module):
     """The stages of a CvT returning their feature maps, with no final norm and no classifier.
 
     Args:
@@ -40,11 +87,11 @@ class CvTFeatures(nn.Module):
 
     Attributes:
         out_indices: the selected stages, sorted.
-        feature_info: one dict per selected stage: `num_chs` (channels), `reduction` (stride relative to the
-            input), `module` (its name) and `index`.
+        feature_info: a `FeatureInfo` (timm's): `channels()`, `reduction()`, `module_name()`, `get_dicts()` of the
+            selected stages; one dict per stage kept (`num_chs`, `reduction`, `module`, `index`).
         cfg: the architecture of the source model.
-        model_name, data_config, pretrained_cfg: the source model's (see `CvT`); `class_names` is None, since a
-            backbone has no classes.
+        model_name, data_config, pretrained_entry: the source model's (see `CvT`; `pretrained_cfg` is timm's
+            dict); `class_names` is None, since a backbone has no classes.
     """
 
     def __init__(self, model: CvT, out_indices: int | Sequence[int] = (0, 1, 2)) -> None:
@@ -52,18 +99,18 @@ class CvTFeatures(nn.Module):
         self.cfg = model.cfg
         self.out_indices = _normalise_indices(out_indices, len(model.stages))
         self.stages = model.stages[: max(self.out_indices) + 1]
-        self.feature_info: list[dict[str, Any]] = [{**model.feature_info[i], "index": i} for i in self.out_indices]
+        self.feature_info = FeatureInfo(model.feature_info[: len(self.stages)], self.out_indices)
         self.model_name, self.data_config = model.model_name, model.data_config
-        self.pretrained_cfg = model.pretrained_cfg
+        self.pretrained_entry = model.pretrained_entry
         self.class_names: list[str] | None = None
 
     def channels(self) -> list[int]:
         """Channels of each returned map."""
-        return [info["num_chs"] for info in self.feature_info]
+        return self.feature_info.channels()
 
     def reduction(self) -> list[int]:
         """Stride of each returned map relative to the input."""
-        return [info["reduction"] for info in self.feature_info]
+        return self.feature_info.reduction()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in the backward pass to save memory."""
@@ -96,4 +143,4 @@ def filter_state_dict(state_dict: dict[str, torch.Tensor], features: CvTFeatures
     return kept
 
 
-__all__ = ["CvTFeatures", "filter_state_dict"]
+__all__ = ["CvTFeatures", "FeatureInfo", "filter_state_dict"]

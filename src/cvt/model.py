@@ -342,7 +342,8 @@ def _init_weights(module: nn.Module) -> None:
 class CvT(TimmInterface, nn.Module):
     """Convolutional vision Transformer.
 
-    timm's model interface (`group_matcher`, ...) comes from `cvt.timm_interface.TimmInterface`.
+    timm's model interface (`group_matcher`, `forward_intermediates`, `prune_intermediate_layers`,
+    `pretrained_cfg` as timm's dict) comes from `cvt.timm_interface.TimmInterface`.
 
     Besides its architecture the model carries its metadata, declared here with defaults so that a plain
     `CvT(cfg)` works everywhere; `cvt.create_model`/`cvt.load_model` and a training run set them, and
@@ -356,7 +357,8 @@ class CvT(TimmInterface, nn.Module):
         model_name: registered `name.tag`, the name a checkpoint recorded, or None.
         data_config: the evaluation preprocessing the weights expect; default the ImageNet 224 protocol.
         class_names: one name per class, or None when unknown.
-        pretrained_cfg: the released weights the model's name refers to, or None.
+        pretrained_entry: the released weights the model's name refers to, or None (`pretrained_cfg` is timm's
+            dict describing the model; assigning it a `PretrainedCfg` sets this).
     """
 
     def __init__(self, cfg: CvTConfig) -> None:
@@ -365,7 +367,7 @@ class CvT(TimmInterface, nn.Module):
         self.model_name: str | None = None
         self.data_config = DataConfig()
         self.class_names: list[str] | None = None
-        self.pretrained_cfg: PretrainedCfg | None = None
+        self.pretrained_entry: PretrainedCfg | None = None
         self.num_classes = cfg.num_classes
         self.num_features = cfg.dims[-1]
         stages, in_chans, reduction = [], cfg.in_chans, 1
@@ -392,11 +394,12 @@ class CvT(TimmInterface, nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)  # official: the head bias keeps its default init
 
     def unused_in_forward(self) -> list[str]:
-        """Parameters `forward` never uses: with a class token in the last stage, the last block computes the class
+        """Parameters `forward` never uses: with a head reading the class token, the last block computes the class
         token's query alone, which skips the convolution, so that block's q convolution and BatchNorm drop out
         (distributed training must be told: DDP's `find_unused_parameters`)."""
         last = self.stages[-1]
-        conv = last.blocks[-1].attn.conv_proj_q if last.cls_token is not None and len(last.blocks) else None
+        token_head = last.cls_token is not None and self.cfg.pool == "token"
+        conv = last.blocks[-1].attn.conv_proj_q if token_head and len(last.blocks) else None
         if conv is None:
             return []
         prefix = f"stages.{len(self.stages) - 1}.blocks.{len(last.blocks) - 1}.attn.conv_proj_q."
@@ -419,48 +422,18 @@ class CvT(TimmInterface, nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none). `cfg` follows, so
-        what is saved from the model records the new size, and the old class names are dropped."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none), and its pooling
+        if `global_pool` is given ("token" or "avg", see `CvTConfig`). `cfg` follows, so what is saved from the
+        model records the new head, and the old class names are dropped."""
         self.num_classes = num_classes
-        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        pool = {"global_pool": global_pool} if global_pool is not None else {}
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, **pool)
         self.class_names = None
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             self.head.to(self.norm.weight.device, self.norm.weight.dtype)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage feature maps (B, C_i, H_i, W_i), at strides given by `feature_info`.
-
-        Args:
-            x: images (B, C, H, W).
-            indices: stages to return; an int n means the last n stages; None means all.
-            intermediates_only: return only the maps and stop after the last requested stage.
-
-        Returns:
-            The list of maps, or (normalised final tokens as from `forward_features`, maps).
-        """
-        num_stages = len(self.stages)
-        if indices is None:
-            wanted = list(range(num_stages))
-        elif isinstance(indices, int):
-            wanted = list(range(num_stages - indices, num_stages))
-        else:
-            wanted = [i % num_stages for i in indices]
-        last = max(wanted) if intermediates_only else num_stages - 1
-        maps = []
-        for i, stage in enumerate(self.stages[: last + 1]):
-            tokens, hw = stage(x)
-            x = stage.to_map(tokens, hw)
-            if i in wanted:
-                maps.append(x)
-        return maps if intermediates_only else (self.norm(tokens), maps)
 
     def forward_features(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised last-stage tokens (B, prefix + HW, C), class token first.
@@ -475,16 +448,17 @@ class CvT(TimmInterface, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from `forward_features` -> logits (B, classes), or pooled features with `pre_logits`."""
-        # class token if the last stage has one, else the mean of the tokens (official); never squeezed,
-        # so a batch of 1 stays (1, classes) unlike the official head
-        x = x[:, 0] if self.stages[-1].cls_token is not None else x.mean(dim=1)
+        # official: the class token if the last stage has one, else the mean of the tokens (`cfg.global_pool`
+        # chooses); never squeezed, so a batch of 1 stays (1, classes) unlike the official head
+        prefix = self.stages[-1].num_prefix_tokens
+        x = x[:, 0] if self.cfg.pool == "token" else x[:, prefix:].mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the head reads the class token only, so the last block skips the other rows: the same logits for
+        # a head reading the class token only lets the last block skip the other rows: the same logits for
         # ~8% less work in CvT-13 (training too; those rows' q convolution then gets no gradient at all); a model
         # without a class token computes every row (see `Stage.forward`)
-        return self.forward_head(self.forward_features(x, class_token_only=True))
+        return self.forward_head(self.forward_features(x, class_token_only=self.cfg.pool == "token"))
 
 
 def model_metadata(model: nn.Module) -> dict[str, Any]:

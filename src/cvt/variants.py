@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import importlib.resources
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
@@ -72,11 +75,35 @@ def precomputed_cost(name: str, size: int) -> tuple[int, int] | None:
     return (params, macs[size]) if size in macs else None
 
 
-def list_models(pretrained: bool = False) -> list[str]:
-    """Registered variant names; with `pretrained`, every `name.tag` that has released weights."""
-    if not pretrained:
-        return list(VARIANTS)
-    return [f"{name}.{tag}" for name, (_, tags) in VARIANTS.items() for tag in tags]
+def _natural_key(name: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
+
+
+def list_models(
+    filter: str | Sequence[str] = "",  # timm's name, though it shadows the builtin
+    pretrained: bool = False,
+    exclude_filters: str | Sequence[str] = "",
+) -> list[str]:
+    """Registered model names, as timm's `list_models`: sorted, optionally filtered by fnmatch patterns.
+
+    Args:
+        filter: a pattern ("cvt_2*") or a list of them; a name matching any is listed. Empty: every name.
+        pretrained: list `name.tag` for every released set of weights instead of the variant names (the
+            patterns then apply to those: "cvt_13.*", "*384*").
+        exclude_filters: patterns of names to leave out.
+
+    `list_models(True)` (the former signature, `pretrained` first) still means `pretrained=True`.
+    """
+    if isinstance(filter, bool):
+        filter, pretrained = "", filter
+    tagged = [f"{name}.{tag}" for name, (_, tags) in VARIANTS.items() for tag in tags]
+    names = tagged if pretrained else list(VARIANTS)
+    include = [filter] if isinstance(filter, str) else list(filter)
+    exclude = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    if any(include):
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, f) for f in include if f)]
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, f) for f in exclude if f)]
+    return sorted(names, key=_natural_key)
 
 
 def resolve(name: str) -> tuple[str, CvTConfig, str, PretrainedCfg]:

@@ -89,6 +89,10 @@ def config_to_hf(
         unsupported.append(f"cls_token={cfg.cls_token} (transformers sizes the class token for the last stage)")
     if any(m != "dw_bn" for m in cfg.qkv_method):
         unsupported.append(f"qkv_method={cfg.qkv_method} (transformers runs only 'dw_bn')")
+    if cfg.global_pool not in (None, "token" if cfg.cls_token[-1] else "avg"):
+        unsupported.append(
+            f"global_pool={cfg.global_pool!r} (transformers' head reads the class token if there is one)"
+        )
     short = [i for i, depth in enumerate(cfg.depths) if depth <= i]
     if short:
         unsupported.append(
