@@ -37,7 +37,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        with deterministic(cfg.deterministic):
+        with deterministic(cfg.deterministic), StopRequest().installed() as stop:
             check_options(cfg, env)
             resume = resolve_resume(cfg.resume, cfg.output, fresh_ok=True) if cfg.resume is not None else None
             output = Path(cfg.output)
@@ -62,8 +62,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
             status = "stopped"
             try:
-                with StopRequest().installed() as stop:
-                    status = _epochs(cfg, env, run, state, run_dir, stop)
+                status = _epochs(cfg, env, run, state, run_dir, stop)
             except NonFiniteLossError as err:
                 last = run_dir.path / "last.pt"
                 kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
