@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -285,3 +286,34 @@ def test_cli_sigterm_exits_75_with_the_state_saved(folder, tmp_path):
     assert "SIGTERM: stopped at epoch" in err and "cvt train --resume" in err
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert json.loads(out)["preempted"] == "SIGTERM" and ckpt["global_step"] < 50 * 22
+
+
+# ---- the run directory ------------------------------------------------------------------------------------------
+
+
+def test_second_run_on_a_run_directory_is_refused_naming_the_owner(folder, tmp_path):
+    out = tmp_path / "run"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live run's process
+    try:
+        out.mkdir()
+        lock = {"pid": owner.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+        (out / "run.lock").write_text(json.dumps(lock))
+        with deadline(60), pytest.raises(RuntimeError, match=rf"in use by another run: pid {owner.pid} on host"):
+            train(small_config(folder, out, max_steps=1))
+    finally:
+        owner.kill()
+        owner.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing of the second run written
+
+
+def test_stale_lock_is_taken_over_and_released(folder, tmp_path, caplog):
+    out = tmp_path / "run"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    (out / ".last.pt.abc123.tmp").write_bytes(b"\0" * 1000)  # a killed run's unfinished atomic write
+    with deadline(60):
+        summary = train(small_config(folder, out, max_steps=1))
+    assert summary["global_step"] == 1
+    assert any("stale lock" in r.getMessage() for r in caplog.records)
+    assert not (out / "run.lock").exists() and not (out / ".last.pt.abc123.tmp").exists()
