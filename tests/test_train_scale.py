@@ -6,8 +6,10 @@ are hand-computed from the dataset sizes (the agreed per-rank sample count: all 
 """
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -125,12 +127,12 @@ def write_config(path, cfg: TrainConfig):
     return path
 
 
-def torchrun(tmp_path, cfg: TrainConfig, *launcher, script=None, timeout=300):
-    """`torchrun <launcher> -m cvt train --config <cfg>` (or `script` instead of `-m cvt`); a hang fails."""
+def torchrun(tmp_path, cfg: TrainConfig, *launcher, args=(), script=None, env=None, timeout=300):
+    """`torchrun <launcher> -m cvt train --config <cfg> <args>` (or `script` instead of `-m cvt`); a hang fails."""
     config = write_config(tmp_path / "tiny.py", cfg)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     target = [str(script)] if script else ["-m", "cvt"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *target, "train", "--config", str(config)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, *target, "train", "--config", str(config), *args]
     try:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired as err:
@@ -214,3 +216,104 @@ def test_resume_auto_starts_a_new_run_where_there_is_none(folder, tmp_path):
     with deadline(120):
         summary = train(small_config(folder, tmp_path / "run", batch_size=8, resume="auto", max_steps=2))
     assert summary["global_step"] == 2 and (tmp_path / "run" / "last.pt").is_file()
+
+
+KILL_RANK = """
+import os, signal, sys
+
+import cvt.train.loop as loop
+from cvt.cli import main
+
+real, seen = loop.train_one_epoch, [0]
+
+
+def patched(model, batches, *args, **kwargs):
+    def killing(batches):
+        for item in batches:
+            first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if seen[0] == {at} and os.environ["RANK"] == "{rank}" and first:
+                os.kill(os.getpid(), signal.SIGKILL)  # no handler, no clean-up: a lost node
+            seen[0] += 1
+            yield item
+
+    return real(model, killing(batches), *args, **kwargs)
+
+
+loop.train_one_epoch = patched
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_resumes_a_killed_rank_by_itself(folder, tmp_path):
+    # 2 ranks x batch 4 on 180 images: 22 steps; last.pt every 5 steps; rank 1 is killed during step 13
+    cfg = small_config(folder, tmp_path / "run", save_every_steps=5)
+    script = tmp_path / "kill_rank.py"
+    script.write_text(KILL_RANK.replace("{at}", "12").replace("{rank}", "1"))
+    launcher = ("--standalone", "--nproc-per-node", "2", "--max-restarts", "1")
+    # a restarted gloo group reads the first attempt's addresses from torchrun's shared store unless it is
+    # disabled (pytorch/pytorch#135712): the restart then fails to connect or waits for ever
+    restart_env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = torchrun(tmp_path, cfg, *launcher, args=["--resume"], script=script, env=restart_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "at epoch 0, step 10" in proc.stderr
+    (tmp_path / "ref").mkdir()
+    ref = torchrun(tmp_path / "ref", small_config(folder, tmp_path / "ref" / "run"), "--standalone",
+                   "--nproc-per-node", "2")  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "run" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 22
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_cli_sigterm_exits_75_with_the_state_saved(folder, tmp_path):
+    config = write_config(tmp_path / "tiny.py", small_config(folder, tmp_path / "run", epochs=50, batch_size=8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cvt", "train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:  # the first line of training: the run has started
+            if "step(s) per epoch" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "SIGTERM: stopped at epoch" in err and "cvt train --resume" in err
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert json.loads(out)["preempted"] == "SIGTERM" and ckpt["global_step"] < 50 * 22
+
+
+# ---- the run directory ------------------------------------------------------------------------------------------
+
+
+def test_second_run_on_a_run_directory_is_refused_naming_the_owner(folder, tmp_path):
+    out = tmp_path / "run"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live run's process
+    try:
+        out.mkdir()
+        lock = {"pid": owner.pid, "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+        (out / "run.lock").write_text(json.dumps(lock))
+        with deadline(60), pytest.raises(RuntimeError, match=rf"in use by another run: pid {owner.pid} on host"):
+            train(small_config(folder, out, max_steps=1))
+    finally:
+        owner.kill()
+        owner.wait()
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing of the second run written
+
+
+def test_stale_lock_is_taken_over_and_released(folder, tmp_path, caplog):
+    out = tmp_path / "run"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.mkdir()
+    (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    (out / ".last.pt.abc123.tmp").write_bytes(b"\0" * 1000)  # a killed run's unfinished atomic write
+    with deadline(60):
+        summary = train(small_config(folder, out, max_steps=1))
+    assert summary["global_step"] == 1
+    assert any("stale lock" in r.getMessage() for r in caplog.records)
+    assert not (out / "run.lock").exists() and not (out / ".last.pt.abc123.tmp").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
@@ -37,15 +38,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     try:
-        with deterministic(cfg.deterministic):
+        with contextlib.ExitStack() as stack, deterministic(cfg.deterministic), StopRequest().installed() as stop:
             check_options(cfg, env)
+            run_dir = RunDir(cfg.output, main=env.main)
+            run_dir.lock()
+            stack.callback(run_dir.unlock)
             resume = resolve_resume(cfg.resume, cfg.output, fresh_ok=True) if cfg.resume is not None else None
             output = Path(cfg.output)
             if resume is None and (output / "last.pt").exists():
                 raise ValueError(f"{output} already holds a run (last.pt): resume it or choose another output")
             run = build_run(cfg, env)
             state = restore(resume, run, cfg, env) if resume is not None else TrainState()
-            run_dir = RunDir(cfg.output, main=env.main)
             run_dir.start(cfg.to_dict(), tensorboard=cfg.tensorboard)
             logger.info(
                 "training %s on %d image(s), %d class(es): %d process(es) x batch %d x accumulation %d = %d, "
@@ -62,8 +65,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
             status = "stopped"
             try:
-                with StopRequest().installed() as stop:
-                    status = _epochs(cfg, env, run, state, run_dir, stop)
+                status = _epochs(cfg, env, run, state, run_dir, stop)
             except NonFiniteLossError as err:
                 last = run_dir.path / "last.pt"
                 kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"

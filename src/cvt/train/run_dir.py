@@ -1,11 +1,20 @@
 """The run directory rank 0 writes: config.json, metrics.csv, summary.json, curves.png and TensorBoard events
-(the checkpoints beside them are `state.save_checkpoint`'s)."""
+(the checkpoints beside them are `state.save_checkpoint`'s), and the lock that makes it one run's.
+
+The lock is `run.lock`, created exclusively, holding the owner's PID, host and start time. A second run on the same
+directory is refused with a message naming the owner; a lock whose owner is gone (same host, no such process) is
+stale and taken over with a warning. Holding it, rank 0 removes the temporary files that a killed run's atomic
+writes left behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,14 @@ CSV_COLUMNS = (
     "elapsed",
 )
 PLOT_EVERY_S = 30  # drawing takes about a second: at most this often, and at the end
+LOCK_FILE = "run.lock"
+# the files of a run written through `fileio.atomic_write` (temporary names `.<name>.<random>.tmp`)
+RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", "last.pt", "last.prev.pt", "best.pt")
+EMPTY_LOCK_GRACE_S = 10  # a lock file still empty after this long was left by a run killed as it took the lock
+
+
+class RunDirLocked(RuntimeError):
+    """The run directory belongs to another run that is still alive."""
 
 
 class RunDir:
@@ -44,6 +61,37 @@ class RunDir:
         self.path, self.main = Path(path), main
         self.writer: Any = None
         self._plotted = time.perf_counter()
+        self._lock: Path | None = None
+
+    def lock(self) -> None:
+        """Make the directory this run's (main process): create it, take the lock, remove stale temporary files.
+
+        Raises:
+            RunDirLocked: another live run holds the lock.
+            PermissionError: the directory cannot be created or written (message names it).
+        """
+        if not self.main:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = take_lock(self.path / LOCK_FILE)
+        except PermissionError as err:
+            raise PermissionError(
+                f"cannot write to the run directory {self.path} ({err.strerror}); choose another output"
+            ) from None
+        for name in RUN_FILES:
+            for tmp in self.path.glob(f".{name}.*.tmp"):
+                logger.info("removing %s, left by an interrupted write", tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+    def unlock(self) -> None:
+        """Release the lock if this process holds it."""
+        if self._lock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if _read_lock(self._lock).get("pid") == os.getpid():
+                    self._lock.unlink()
+            self._lock = None
 
     def start(self, config: dict[str, Any], *, tensorboard: bool = False) -> None:
         """Create the directory, write config.json and, with `tensorboard`, open the event writer."""
@@ -96,6 +144,57 @@ class RunDir:
     def _plot(self, history: list[dict[str, Any]]) -> None:
         plot_curves(history, self.path / "curves.png")
         self._plotted = time.perf_counter()
+
+
+def take_lock(lock: Path) -> Path:
+    """Create `lock` exclusively with this process's PID, host and start time; take over a stale one."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _read_lock(lock)
+            if not _stale(lock, owner):
+                raise RunDirLocked(
+                    f"{lock.parent} is in use by another run: pid {owner.get('pid')} on host {owner.get('host')}, "
+                    f"started {owner.get('started')} ({lock}); wait for it to end or choose another output. If that "
+                    f"run is gone, delete {lock}"
+                ) from None
+            logger.warning("%s: taking over the stale lock of pid %s on %s (no such process)", lock,
+                           owner.get("pid"), owner.get("host"))  # fmt: skip
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise RunDirLocked(f"{lock}: could not take the lock (another run keeps taking it); choose another output")
+
+
+def _read_lock(lock: Path) -> dict[str, Any]:
+    try:
+        owner = json.loads(lock.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _stale(lock: Path, owner: dict[str, Any]) -> bool:
+    """Whether the lock's owner is gone: on this host and no such process (another host's cannot be checked)."""
+    if not owner:  # empty or garbage: its owner died between creating and writing it, or is writing it now
+        try:
+            return time.time() - lock.stat().st_mtime > EMPTY_LOCK_GRACE_S
+        except FileNotFoundError:
+            return True
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
