@@ -34,22 +34,22 @@ import argparse
 import dataclasses
 import json
 import logging
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import studies  # this directory is on sys.path when run as a script
 import torch
+from studies import dataset_label, finished_summary, peers, run_one
 
 from cvt.ablations import BASELINE, ablation_config, get_ablation, list_ablations
 from cvt.config import CvTConfig
 from cvt.data import make_dataset, make_digits
-from cvt.data.digits import digits_split, load_digits_arrays
 from cvt.fileio import atomic_write, write_json
 from cvt.flops import model_cost
-from cvt.train import TrainConfig, train
+from cvt.train import TrainConfig
 
 logger = logging.getLogger("ablation_study")
 
@@ -132,78 +132,6 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
             seed=args.data_seed,
         )
     return root, json.loads((root / "dataset.json").read_text("utf-8"))
-
-
-def dataset_label(manifest: dict[str, Any]) -> str:
-    """The dataset in one line, its generator's version included, from the manifest its builder wrote."""
-    size = manifest["image_size"]
-    if manifest["generator"] == "cvt.data.make_digits":
-        images = manifest["images"]
-        return (
-            f"digits v{manifest['version']} (`cvt.data.make_digits`: scikit-learn {manifest['sklearn']} load_digits, "
-            f"{len(manifest['classes'])} classes, {images['train']} train / {images['val']} val, fixed split, "
-            f"8 -> {size} px {manifest['resample']})"
-        )
-    return (
-        f"shapes v{manifest['version']} (`cvt.data.make_dataset`: {manifest['num_classes']} classes x "
-        f"{manifest['train_per_class']} train / {manifest['val_per_class']} val at {size} px, seed {manifest['seed']})"
-    )
-
-
-def peers() -> list[dict[str, Any]]:
-    """scikit-learn's SVC and logistic regression on the digits' split, fit on the raw 8x8 pixels (levels 0-16)."""
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 (optional dependency)
-    from sklearn.svm import SVC  # noqa: PLC0415
-
-    images, labels = load_digits_arrays()
-    features = images.reshape(len(images), -1)
-    train_idx, val_idx = digits_split(labels)
-    out = []
-    for name, model in (
-        ("scikit-learn SVC (RBF, C=1, gamma='scale')", SVC()),
-        ("scikit-learn LogisticRegression (L2, C=1)", LogisticRegression(max_iter=10_000)),
-    ):
-        start = time.perf_counter()
-        model.fit(features[train_idx], labels[train_idx])
-        top1 = 100.0 * float((model.predict(features[val_idx]) == labels[val_idx]).mean())
-        out.append({"name": name, "val_top1": top1, "fit_s": time.perf_counter() - start})
-        logger.info("peer %s: val top-1 %.2f", name, top1)
-    return out
-
-
-def finished_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that finished in `run_dir`, None if it did not (an interrupted run's says so)."""
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else None
-    return summary if summary is not None and summary.get("completed") else None
-
-
-def run_one(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one run, or read its summary if it finished before; resume it if it was interrupted.
-
-    Raises:
-        SystemExit: the run directory holds a run with other settings (a changed budget, another dataset).
-    """
-    run_dir = Path(cfg.output)
-    saved = run_dir / "config.json"
-    if saved.is_file():
-        old, new = json.loads(saved.read_text()), cfg.to_dict()
-        changed = sorted(k for k in new.keys() | old.keys() if k != "resume" and old.get(k) != new.get(k))
-        if changed:
-            raise SystemExit(
-                f"{run_dir} holds a run with other settings ({', '.join(changed)}); "
-                "choose another --out or delete that run directory"
-            )
-    summary = finished_summary(run_dir)
-    if summary is not None:
-        logger.info("%s: done before, final top-1 %.2f", run_dir, summary["final_top1"])
-        return summary
-    if (run_dir / "last.pt").is_file():
-        cfg = dataclasses.replace(cfg, resume="auto")
-    start = time.perf_counter()
-    summary = train(cfg)
-    logger.info("%s: final top-1 %.2f in %.0f s", run_dir, summary["final_top1"], time.perf_counter() - start)
-    return summary
 
 
 def summarise(results: list[dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
@@ -300,7 +228,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, peer_rows: list[dic
 
 def command_line(argv: list[str]) -> str:
     """The command that reruns this study, as typed in the repository root."""
-    return shlex.join(["python", "benchmarks/ablation_study.py", *argv])
+    return studies.command_line("benchmarks/ablation_study.py", argv)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
