@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
 
 import pytest
 import torch
@@ -74,6 +76,7 @@ def test_offline_without_cache_says_what_to_do(hub_cache):
 
 def test_unreachable_hub_without_cache_says_what_to_do(hub_cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("cvt.hub._hub_unreachable", lambda endpoint: None)  # the probe connects; the download fails
     calls = []
 
     def no_network(repo_id, filename, *, local_files_only, **kwargs):
@@ -84,3 +87,27 @@ def test_unreachable_hub_without_cache_says_what_to_do(hub_cache, monkeypatch):
     with pytest.raises(FileNotFoundError, match="could not provide them .*CvT-w24-384x384-IN-22k.pth"):
         cvt.create_model("cvt_w24", pretrained=True)
     assert calls == [True, False]  # the cache first, then the network
+
+
+def test_no_network_fails_at_once_without_the_hubs_retries(hub_cache, monkeypatch, caplog):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    calls, probes = [], []
+
+    def no_dns(address, timeout):
+        probes.append((address, timeout))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def download(repo_id, filename, *, local_files_only, **kwargs):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise LocalEntryNotFoundError("not in the cache")
+        raise AssertionError("went to the network: huggingface_hub would retry for ~25 s")
+
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", download)
+    with pytest.raises(FileNotFoundError, match=r"the hub huggingface.co:443 cannot be reached \(Name or service"):
+        cvt.create_model("cvt_13", pretrained=True)
+    assert calls == [True] and probes == [(("huggingface.co", 443), 3.0)]  # the cache, then one probe
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -8,6 +8,9 @@ The hub repositories (`microsoft/cvt-13`, ...) hold the authors' weights in tran
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import urllib.parse
 from pathlib import Path
 
 from .checkpoint.formats import CONFIG_FILE, HF_WEIGHT_FILES
@@ -37,6 +40,25 @@ def _fetch(repo_id: str, *, revision: str | None, cache_dir: str | Path | None, 
     raise LocalEntryNotFoundError(f"none of {HF_WEIGHT_FILES} in {repo_id}")
 
 
+PROBE_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (no DNS, no route, refused, timed out), or None if a TCP
+    connection opens within `timeout`. huggingface_hub retries a failed request five times with back-off
+    (~25 s, a warning each); one probe first makes a machine without network fail at once."""
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None  # only the proxy knows: leave it to huggingface_hub
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or endpoint, url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{host}:{port} cannot be reached ({err.strerror or type(err).__name__})"
+
+
 def download_weights(
     repo_id: str,
     *,
@@ -47,7 +69,8 @@ def download_weights(
     """The local folder holding `config.json` and the weights of a Hugging Face CvT repository.
 
     Looks in the cache first (no network access when the files are there), then downloads unless
-    `HF_HUB_OFFLINE` is set.
+    `HF_HUB_OFFLINE` is set or the hub cannot be reached (one connection attempt of a few seconds, instead of
+    huggingface_hub's retries).
 
     Args:
         repo_id: hub repository, e.g. "microsoft/cvt-13".
@@ -70,7 +93,10 @@ def download_weights(
         pass
     offline = constants.is_offline_mode()
     where = cache_dir or constants.HF_HUB_CACHE
-    if not offline:
+    unreachable = None if offline else _hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        reason = f"the hub {unreachable}"
+    elif not offline:
         logger.info("downloading %s from the Hugging Face hub into %s", repo_id, where)
         try:
             return _fetch(repo_id, revision=revision, cache_dir=cache_dir, local_only=False)
