@@ -63,3 +63,20 @@ def test_write_shards_and_check_them(tmp_path, capsys):
     (out / "shard-000003.tar").write_bytes((out / "shard-000003.tar").read_bytes()[:1500])
     assert main(["check-data", str(out)]) == 1
     assert "shard-000003.tar" in capsys.readouterr().out
+
+
+def test_check_data_tells_a_dataset_from_a_folder_of_stray_images(tmp_path, capsys):
+    # a folder of plots with one sub-folder of more plots: every file decodes, so decoding alone found it fine
+    plots = tmp_path / "plots"
+    (plots / "attention").mkdir(parents=True)
+    for name in ("curves.png", "confusion.png", "attention/head0.png"):
+        Image.new("RGB", (64, 48)).save(plots / name)
+    assert main(["check-data", str(plots)]) == 1
+    out = capsys.readouterr().out
+    assert "summary: 1 files checked, 1 readable, 0 unreadable" in out and "not a classification dataset" in out
+    assert f"2 image file(s) lie outside any class folder, e.g. {plots / 'confusion.png'}" in out
+    assert "only 1 class (attention): classification needs two" in out
+    (plots / "attention" / "head0.png").unlink()
+    (plots / "attention").rmdir()
+    assert main(["check-data", str(plots)]) == 1  # only loose images: no class folder at all
+    assert "no class folders found" in capsys.readouterr().err

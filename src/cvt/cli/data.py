@@ -36,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_make)
 
     p = subparsers.add_parser(
-        "check-data", help="decode every image of a dataset, list unreadable files; exit 1 if there are any"
+        "check-data",
+        help="decode every image of a dataset, list unreadable files; exit 1 if there are any, or if the folder "
+        "is not laid out as a dataset (loose images beside the class folders, fewer than two classes)",
     )
     p.add_argument("source", help="class folders, a folder with train/ val/, a .csv list, or tar shards")
     p.add_argument("--split", default=None, help="check only this split (default: every split)")
@@ -99,6 +101,7 @@ def run_check(args: argparse.Namespace) -> int:
         print("stopped at the first unreadable file (--strict)", file=sys.stderr)
         return 1
     unreadable = [item for report in reports for item in report.unreadable]
+    problems = []
     for report in reports:
         title = f"split {report.name}" if report.name else "dataset"
         counts = report.per_class.values()
@@ -110,13 +113,16 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"  classes with no readable image: {', '.join(empty)}")
         if report.ignored:
             print(f"  {len(report.ignored)} file(s) without an image ending ignored, e.g. {report.ignored[0]}")
+        problems += [f"{args.source} {title}: {problem}" for problem in report.layout_problems()]
     if unreadable:
         print(f"\n{len(unreadable)} unreadable file(s):")
         for file, reason in unreadable:
             print(f"  {file}: {reason}")
     total = sum(r.images for r in reports)
     print(f"\nsummary: {total + len(unreadable)} files checked, {total} readable, {len(unreadable)} unreadable")
-    return 1 if unreadable else 0
+    if problems:
+        print("\nnot a classification dataset:", *problems, sep="\n  ")
+    return 1 if unreadable or problems else 0
 
 
 def run_write_shards(args: argparse.Namespace) -> int:

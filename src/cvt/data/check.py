@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import SPLITS, ImageDataset, open_dataset
-from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, load_image
+from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
 from .shards import TarShardDataset
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class SplitReport:
         sizes: (width, height) of every readable image.
         unreadable: (file, reason) of every image that failed to decode.
         ignored: files without an image ending inside the class folders.
+        stray: image files beside the class folders, in no class (a folder of loose images is not a dataset).
     """
 
     name: str
@@ -39,10 +40,23 @@ class SplitReport:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> int:
         return len(self.sizes)
+
+    def layout_problems(self) -> list[str]:
+        """Why this does not look like a classification dataset (empty when it does)."""
+        problems = []
+        if self.stray:
+            problems.append(
+                f"{len(self.stray)} image file(s) lie outside any class folder, e.g. {self.stray[0]}: a class-folder "
+                "dataset keeps every image in ROOT/<class>/ (move them into one, or point at the right folder)"
+            )
+        if len(self.classes) < 2:
+            problems.append(f"only {len(self.classes)} class ({', '.join(self.classes)}): classification needs two")
+        return problems
 
     def size_summary(self) -> str:
         if not self.sizes:
@@ -102,6 +116,9 @@ def check_dataset(
 def _check_map(dataset: ImageDataset, name: str, *, strict: bool, workers: int) -> SplitReport:
     kind = "csv" if str(dataset.source).endswith(".csv") else "folder"
     report = SplitReport(name, kind, dataset.classes, ignored=list(getattr(dataset, "ignored", [])))
+    root = getattr(dataset, "root", None)  # a FolderDataset's: images directly in it belong to no class
+    if root is not None:
+        report.stray = sorted(str(e.path) for e in os.scandir(root) if e.is_file() and is_image_file(e.name))
     jobs = [(path, dataset.max_pixels) for path, _ in dataset.samples]
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     try:
