@@ -113,7 +113,7 @@ def test_training_learns_and_fills_the_run_directory(shapes, tmp_path):
     for name in ("config.json", "metrics.csv", "summary.json", "last.pt", "best.pt", "curves.png"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == list(range(6))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 7))  # numbered as the log's "epoch 1/6"
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < 0.8 * losses[0] and losses[-1] < 1.2, losses  # from about ln(4) = 1.39
     # the schedule, per epoch, without warm-up: lr(e) = 1e-5 + (3e-3 - 1e-5) (1 + cos(pi e / 6)) / 2
@@ -126,6 +126,8 @@ def test_training_learns_and_fills_the_run_directory(shapes, tmp_path):
     assert json.loads((run / "summary.json").read_text()) == summary
     assert summary["completed"] and summary["epochs_done"] == 6 and summary["global_step"] == 24
     assert summary["best_top1"] == max(float(r["val_top1"]) for r in rows)
+    best_row = max(rows, key=lambda r: float(r["val_top1"]))  # the first of equals, as the run keeps it
+    assert summary["best_epoch"] == int(best_row["epoch"])  # one numbering in metrics.csv, summary.json and the log
     assert json.loads((run / "config.json").read_text())["epochs"] == 6
     ckpt = torch.load(run / "last.pt", weights_only=True)  # only plain types: readable without unpickling code
     assert ckpt["format"] == "cvt.train" and ckpt["epoch"] == 6 and ckpt["step"] == 0

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - started
     reached = res["top1"] >= TARGET_TOP1
     print(f"\nval top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
-          f"({res['count']} images; best epoch {summary['best_epoch'] + 1} of {cfg.epochs})")  # fmt: skip
+          f"({res['count']} images; best epoch {summary['best_epoch']} of {cfg.epochs})")  # fmt: skip
     print(f"training {summary['wall_time_s'] / 60:.1f} min, whole demo {total / 60:.1f} min")
     print(f"target >= {TARGET_TOP1:.0f}% top-1: {'reached' if reached else 'NOT reached'}")
     print(f"\nrun directory: {output}")

@@ -242,7 +242,7 @@ def _summary(
         "final_train_loss": last.get("train_loss"),
         "best_top1": state.best["top1"],
         "best_top5": state.best["top5"],
-        "best_epoch": state.best["epoch"],
+        "best_epoch": None if state.best["epoch"] is None else state.best["epoch"] + 1,  # from 1, as the log
         "wall_time_s": state.elapsed,
         "global_batch": run.global_batch,
         "lr": run.lr,

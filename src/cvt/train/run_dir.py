@@ -198,12 +198,13 @@ def _stale(lock: Path, owner: dict[str, Any]) -> bool:
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.csv: one row per epoch, the columns of `CSV_COLUMNS` (empty where a value is missing)."""
+    """metrics.csv: one row per epoch, the columns of `CSV_COLUMNS` (empty where a value is missing); epochs are
+    numbered from 1, as the log and summary.json's best_epoch number them (the history counts from 0)."""
     with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in history:
-            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+            writer.writerow({**{k: row.get(k, "") for k in CSV_COLUMNS}, "epoch": row["epoch"] + 1})
 
 
 def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> None:
