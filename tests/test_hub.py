@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,13 @@ def test_no_network_fails_at_once_without_the_hubs_retries(hub_cache, monkeypatc
         cvt.create_model("cvt_13", pretrained=True)
     assert calls == [True] and probes == [(("huggingface.co", 443), 3.0)]  # the cache, then one probe
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_hub_warnings_are_printed_once_by_the_command_line():
+    # huggingface_hub has its own stderr handler and also propagates to the root logger the CLI configures
+    code = (
+        "import logging; from cvt.cli import main; main(['configs']); import huggingface_hub.file_download; "
+        "logging.getLogger('huggingface_hub.file_download').warning('Retrying in 1s [Retry 1/5].')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stderr.count("Retrying in 1s") == 1, done.stderr

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code: 0, 1 for a failure, 2 for a usage error."""
     args = build_parser().parse_args(argv)  # a usage error exits here with argparse's message and code 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it prints through its own handler: not twice
     if args.command in HEAVY_COMMANDS:
         keep_freed_memory()
     try:
