@@ -56,7 +56,8 @@ def run_info(args: argparse.Namespace) -> int:
     if sizes is not None and len(sizes) > 2:
         raise UsageError(f"--input-size takes N or H W, got {sizes}")
     size = tuple(sizes * 2 if len(sizes) == 1 else sizes) if sizes else data.input_size
-    params, macs = model_cost(cfg, size)
+    square = precomputed_cost(arch, size[0]) if size[0] == size[1] else None
+    params, macs = square or model_cost(cfg, size)
     print(f"model:       {arch}.{tag}")
     print(f"parameters:  {params:,}")
     print(f"GMACs @{size[0]}x{size[1]}: {macs / 1e9:.3f}")
