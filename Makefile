@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# the CPU build of torch first: any other torch requirement pulls gigabytes of CUDA packages
 	$(PY) -m pip install --quiet torch==2.13.0
+	# the distribution was named cvt until it became cvt-pytorch: drop an old editable install of that name
+	$(PY) -m pip uninstall --quiet --yes cvt 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
