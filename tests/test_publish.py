@@ -118,7 +118,9 @@ def test_cli_push_a_training_checkpoint_with_its_results(hub, tmp_path, capsys):
             **cvt.model.model_metadata(model), "best": {"top1": 91.25, "top5": 99.5, "epoch": 7},
             "train_config": {"data": "/data/flowers/", "val_split": "val"}}  # fmt: skip
     torch.save(ckpt, tmp_path / "best.pt")
-    assert main(["push", str(tmp_path / "best.pt"), "me/flowers", "--format", "cvt", "--message", "first"]) == 0
+    assert (
+        main(["push", "--model", str(tmp_path / "best.pt"), "me/flowers", "--format", "cvt", "--message", "first"]) == 0
+    )
     assert "pushed tiny-shapes (cvt format) to me/flowers" in capsys.readouterr().out
     assert hub["upload"]["commit_message"] == "first" and hub["create_repo"]["private"] is False
     card = ModelCard.load(hub["uploaded"] / "README.md")

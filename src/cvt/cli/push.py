@@ -1,7 +1,7 @@
-"""`cvt push MODEL REPO_ID`: publish a model on the Hugging Face hub, with its model card.
+"""`cvt push --model NAME_OR_PATH REPO_ID`: publish a model on the Hugging Face hub, with its model card.
 
-cvt push runs/flowers/best.pt me/cvt-13-flowers            # the run's best top-1/top-5 go into the card
-cvt push runs/demo/best.pt me/cvt-demo --format cvt         # our format: any architecture
+cvt push --model runs/flowers/best.pt me/cvt-13-flowers            # the run's best top-1/top-5 go into the card
+cvt push --model runs/demo/best.pt me/cvt-demo --format cvt         # our format: any architecture
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "push",
         help="publish a model on the Hugging Face hub (weights, config, image processor, model card)",
-        description="Save MODEL with its model card into a temporary folder and upload it to the hub repository "
+        description="Save the model with its model card into a temporary folder and upload it to the hub repository "
         "REPO_ID (created if missing) with huggingface_hub; a training checkpoint's best validation results go "
         "into the card. Needs a hub token (HF_TOKEN, or `hf auth login`).",
     )
-    p.add_argument("model", metavar="MODEL", help="checkpoint path (any format) or registered name[.tag]")
+    p.add_argument("--model", required=True, help="checkpoint path (any format) or registered name[.tag]")
     p.add_argument("repo_id", metavar="REPO_ID", help="hub repository, user/name or org/name")
     p.add_argument("--format", choices=("hf", "cvt"), default="hf",
                    help="hf: a transformers folder, which pipeline() and the hub run (default); cvt: ours")  # fmt: skip
