@@ -80,7 +80,10 @@ def test_list_models_filters_as_timm():
 
 
 def test_pretrained_cfg_is_timms_dict():
-    model = cvt.create_model("cvt_13", **TINY)
+    with torch.device("meta"):  # the registered architectures, without computing their weights
+        model = cvt.create_model("cvt_13", num_classes=10)
+        big = cvt.create_model("cvt_21.in22k_ft_384").pretrained_cfg
+        features = cvt.create_model("cvt_13", features_only=True)
     cfg = model.pretrained_cfg
     assert isinstance(cfg, dict) and model.default_cfg == cfg
     assert (cfg["architecture"], cfg["tag"]) == ("cvt_13", "in1k")
@@ -91,11 +94,14 @@ def test_pretrained_cfg_is_timms_dict():
     # timm's first_conv / classifier name the modules (timm adapts in_chans and swaps heads through them)
     conv, head = model.get_submodule(cfg["first_conv"]), model.get_submodule(cfg["classifier"])
     assert isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3 and head.out_features == 10
-    big = cvt.create_model("cvt_21.in22k_ft_384", depths=(1, 1, 1)).pretrained_cfg
     assert big["input_size"] == (3, 384, 384) and big["crop_pct"] == 1.0 and big["crop_mode"] == "squash"
     assert big["hf_hub_id"] == "microsoft/cvt-21-384-22k" and big["tag"] == "in22k_ft_384"
-    features = cvt.create_model("cvt_13", features_only=True, **TINY)
     assert features.pretrained_cfg["hf_hub_id"] == "microsoft/cvt-13" and features.pretrained_cfg["num_classes"] == 0
+    # a narrowed model has none of the released weights: no hub id, file or licence of theirs
+    custom = cvt.create_model("cvt_13", **TINY).pretrained_cfg
+    assert (custom["architecture"], custom["tag"], custom["hf_hub_id"], custom["file"]) == ("cvt_13-custom", None,
+                                                                                          None, None)  # fmt: skip
+    assert custom["input_size"] == (3, 224, 224) and custom["num_classes"] == 10
 
 
 # --- forward_intermediates and prune_intermediate_layers ---------------------------------------------------------

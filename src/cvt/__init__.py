@@ -9,6 +9,7 @@ from .features import CvTFeatures
 from .flops import count_macs, count_params, model_cost
 from .model import CvT
 from .optimize import optimize_for_inference
+from .publish import push_to_hub
 from .variants import list_models, model_config
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
@@ -30,6 +31,7 @@ __all__ = [
     "model_config",
     "model_cost",
     "optimize_for_inference",
+    "push_to_hub",
     "resolve_model",
     "save_model",
 ]

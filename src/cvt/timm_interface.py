@@ -68,6 +68,7 @@ def pretrained_cfg_dict(
 ) -> dict[str, Any]:
     """timm's pretrained_cfg dict for a model with this metadata (see the module docstring)."""
     architecture, _, tag = (model_name or "cvt_custom").partition(".")
+    entry = entry if tag else None  # a custom model ("cvt_13-custom") has none of the released weights
     return {
         "architecture": architecture,
         "tag": tag or None,

@@ -17,7 +17,8 @@ is refused before any of it runs. Building a model from a `Checkpoint` is `cvt.f
 
     formats     names, versions, CheckpointError, the recorded metadata
     layouts     key layouts and repairs, strict loading of a state dict
-    hf_config   transformers' config.json <-> CvTConfig
+    hf_config   transformers' config.json <-> CvTConfig, preprocessor_config.json <-> DataConfig
+    card        the model card (README.md) of a saved folder
     infer       the architecture from the weights' shapes
     safe_load   format sniffing and the safe reader of one weights file
     training    the "cvt.train" training-checkpoint format (its only writer and reader)

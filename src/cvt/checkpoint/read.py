@@ -47,6 +47,8 @@ class Checkpoint:
         data_config: evaluation preprocessing if the file records it.
         class_names: class names if the file records them.
         model_name: the model name the file records.
+        results: for a training checkpoint with validation, its best epoch's {"dataset" (the data folder's
+            name), "split", "top1", "top5", "epoch"} (percent), what a model card reports.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -56,6 +58,7 @@ class Checkpoint:
     data_config: DataConfig | None = None
     class_names: list[str] | None = None
     model_name: str | None = None
+    results: dict[str, Any] | None = None
 
 
 def _read_weights_folder(folder: Path) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -13,6 +14,7 @@ from torch import nn
 from ..fileio import atomic_save, atomic_write, write_json
 from ..model import model_metadata
 from ..variants import match_variant
+from .card import CARD_FILE, model_card
 from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE
 from .hf_config import PREPROCESSOR_FILE, config_to_hf, preprocessor_to_hf
 from .layouts import cvt_to_hf, cvt_to_official
@@ -30,7 +32,12 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_model(
-    model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None, *, format: str = "cvt"
+    model: nn.Module,
+    path: str | os.PathLike,
+    class_names: list[str] | None = None,
+    *,
+    format: str = "cvt",
+    results: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` atomically (each file appears whole or not at all).
 
@@ -41,7 +48,10 @@ def save_model(
         format: "cvt" (model.safetensors + config.json with the architecture, preprocessing and class names),
             "hf" (a transformers `CvtForImageClassification` folder with the image processor of `data_config`,
             which `transformers.pipeline("image-classification", model=path)` runs) or "official" (the authors'
-            bare state dict, which records no architecture).
+            bare state dict, which records no architecture). Both folders get a model card (README.md with the
+            Hugging Face hub's metadata header, `cvt.checkpoint.card`).
+        results: what a run measured, for the card: {"dataset", "split", "top1", "top5", "epoch"} (percent), as
+            `Checkpoint.results` of a training checkpoint holds them.
 
     Returns:
         `path`.
@@ -71,7 +81,10 @@ def save_model(
         _write_safetensors(cvt_to_hf(state), path / WEIGHTS_FILE)
         write_json(preprocessor_to_hf(model.data_config), path / PREPROCESSOR_FILE)
         write_json(hf_config, path / CONFIG_FILE)
-        return path
-    _write_safetensors(state, path / WEIGHTS_FILE)
-    write_json({"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, **meta}, path / CONFIG_FILE)
+    else:
+        _write_safetensors(state, path / WEIGHTS_FILE)
+        write_json({"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, **meta}, path / CONFIG_FILE)
+    card = model_card(meta, format=format, entry=getattr(model, "pretrained_entry", None), results=results)
+    with atomic_write(path / CARD_FILE) as f:
+        f.write(card.encode("utf-8"))
     return path

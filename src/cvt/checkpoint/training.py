@@ -101,4 +101,20 @@ def training_weights(obj: dict[str, Any], path: Path, *, ema: bool = False) -> t
     key = "ema" if ema else "model"
     if obj.get(key) is None:
         raise CheckpointError(f"{path} is a training checkpoint without {key!r} weights")
-    return obj[key], info
+    return obj[key], {**info, "results": training_results(obj)}
+
+
+def training_results(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The best epoch's validation results of a training checkpoint dict, or None when it has none."""
+    best = obj.get("best") or {}
+    if best.get("top1") is None:
+        return None
+    cfg = obj.get("train_config") or {}
+    data = str(cfg.get("data") or "").rstrip("/")
+    return {
+        "dataset": Path(data).name if data else None,
+        "split": cfg.get("val_split"),
+        "top1": best["top1"],
+        "top5": best.get("top5"),
+        "epoch": best.get("epoch"),
+    }

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "cvt.cli.ablations",
     "cvt.cli.data",
     "cvt.cli.convert",
+    "cvt.cli.push",
     "cvt.cli.export",
     "cvt.cli.attention",
 )

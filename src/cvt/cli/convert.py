@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.checkpoint import SAVE_FORMATS, save_model
+from cvt.checkpoint import SAVE_FORMATS, read_checkpoint, save_model
 from cvt.cli.usage import DeprecatedAlias, UsageError
-from cvt.factory import create_model, load_model
+from cvt.factory import build_model, create_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
         if args.ema:
             raise UsageError("--ema reads a training checkpoint, which records its architecture: drop --arch")
         model = create_model(args.arch, pretrained=args.src)
+        results = None
     else:
-        model = load_model(args.src, ema=args.ema)
-    path = save_model(model, args.dst, format=args.to)
+        ckpt = read_checkpoint(args.src, ema=args.ema)
+        model, results = build_model(ckpt), ckpt.results  # a training run's results go into the model card
+    path = save_model(model, args.dst, format=args.to, results=results)
     tensors = len(model.state_dict())
     print(f"wrote {path} ({args.to}): {model.model_name}, {model.num_classes} classes, {tensors} tensors")
     return 0
