@@ -220,10 +220,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, peer_rows: list[dic
     ax2.set_xlabel("MMACs per image")
     ax2.set_ylabel("final val top-1 (%)")
     ax2.set_title("accuracy vs cost", fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    studies.save_figure(fig, path, title)
 
 
 def command_line(argv: list[str]) -> str:

@@ -104,6 +104,16 @@ def run_one(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def save_figure(fig: Any, path: Path, title: str) -> None:
+    """Title a matplotlib figure, lay it out, write it as a PNG and close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (only the scripts that plot need it)
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def command_line(script: str, argv: list[str]) -> str:
     """The command that reruns `script` (a path from the repository root) with `argv`, as typed there."""
     return shlex.join(["python", script, *argv])

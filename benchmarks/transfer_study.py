@@ -16,13 +16,17 @@ The protocol, every step through the commands a user runs (each run's exact `cvt
    ...), written as `train.csv` / `val.csv` lists beside the tree with `subset.json`; validation is always the whole
    val split.
 3. Arms, for every fraction and seed, all with the same optimiser steps, batch, augmentation (RandomResizedCrop
-   0.5-1, no flips: a mirrored digit is another shape), label smoothing 0.1, warm-up (5%) and per-step cosine:
+   0.5-1, no flips: a mirrored digit is another shape), label smoothing 0.1, warm-up (5%) and per-step cosine, and
+   the validation images evaluated in one batch after every epoch:
 
        finetune        `cvt train --model <pre-trained best.pt> --data <digits>`: the fine-tuning defaults
                        (`cvt.train.finetune_config`: head re-initialised, SGD momentum 0.9 at 0.005 per 256 images,
-                       no weight decay, BiT's length rule: 500 steps); only flips off (and --steps) are changed
+                       no weight decay, BiT's length rule: 500 steps); only flips (off), the evaluation batch
+                       and --steps are set
        finetune_adamw  the same start with the scratch arm's optimiser (AdamW, --scratch-lr, weight decay 0.05): the
                        initial weights are the only difference from `scratch` (checked: the script fails otherwise)
+       finetune_ld     finetune_adamw with layer-wise learning-rate decay (`--set layer_decay=0.75`: the head at
+                       the full rate, each layer below at 0.75 times the one above)
        scratch         `cvt train --config demo --data <digits> --set ...`: the demo's model and AdamW recipe from a
                        random initialisation, with the fine-tuning runs' batch, epochs, warm-up and augmentation
 
@@ -74,8 +78,9 @@ from cvt.train.finetune import default_batch_size
 
 logger = logging.getLogger("transfer_study")
 
-ARMS = ("finetune", "finetune_adamw", "scratch")
+ARMS = ("finetune", "finetune_adamw", "finetune_ld", "scratch")
 BASELINE = "scratch"
+EVAL_BATCH = 512  # the digits' 355 validation images in one batch
 NO_FLIP = "hflip=0.0"  # every arm: a mirrored digit is another shape
 # what may differ between finetune_adamw and scratch: the start, and fields a set `lr` makes unused
 SAME_BUT_INIT = {"init", "model_kwargs", "lr_per_256", "output"}
@@ -161,9 +166,11 @@ def cli_config(words: list[str]) -> TrainConfig:
 
 
 def common_words(args: argparse.Namespace, seed: int) -> list[str]:
-    """The `--set`s every downstream run shares: no flips, the seed, this machine's threads, no progress bars."""
-    items = [NO_FLIP, f"seed={seed}", f"num_threads={args.threads}", f"num_workers={args.workers}",
-             f"device={args.device}", "progress=False"]  # fmt: skip
+    """The `--set`s every downstream run shares: no flips, the seed, the validation set in one batch (a small
+    training set is evaluated after every few steps, and small evaluation batches would cost more than training),
+    this machine's threads, no progress bars."""
+    items = [NO_FLIP, f"seed={seed}", f"eval_batch_size={EVAL_BATCH}", f"num_threads={args.threads}",
+             f"num_workers={args.workers}", f"device={args.device}", "progress=False"]  # fmt: skip
     return [w for item in items for w in ("--set", item)]
 
 
@@ -181,6 +188,8 @@ def arm_words(args: argparse.Namespace, arm: str, seed: int, data: str, output: 
     adamw = ["optimizer=adamw", f"lr={args.scratch_lr}", "weight_decay=0.05"]
     if arm == "finetune_adamw":
         return [*finetune, *(w for item in adamw for w in ("--set", item))]
+    if arm == "finetune_ld":
+        return [*finetune, *(w for item in [*adamw, f"layer_decay={args.layer_decay}"] for w in ("--set", item))]
     if arm == "scratch":  # the demo's recipe, with the fine-tuning runs' budget and augmentation
         ref = cli_config(finetune)
         same = [f"input_size={ref.input_size}", f"batch_size={ref.batch_size}", f"epochs={ref.epochs}",
@@ -303,15 +312,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, tit
         ax.set_ylabel("val top-1 (%)")
         ax.set_title(f"{regime}: validation curve (mean, band = min-max over seeds)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def command_line(argv: list[str]) -> str:
-    """The command that reruns this study, as typed in the repository root."""
-    return studies.command_line("benchmarks/transfer_study.py", argv)
+    studies.save_figure(fig, path, title)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -325,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="optimiser steps of each downstream run, rounded to whole epochs (default: the fine-tuning "
                    "defaults' BiT rule, 500)")  # fmt: skip
+    p.add_argument("--layer-decay", type=float, default=0.75,
+                   help="finetune_ld: each layer's rate is this times the one above it (BEiT's 0.75)")  # fmt: skip
     p.add_argument("--scratch-lr", type=float, default=1e-3, help="AdamW peak learning rate (the demo's)")
     p.add_argument("--pretrain-epochs", type=int, default=12, help="pre-training epochs on the shapes")
     p.add_argument("--pretrain-classes", type=int, default=10, help="classes of the generated shapes")
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the cvt commands do: freed activations stay mapped for the next step
-    command = command_line(argv)
+    command = studies.command_line("benchmarks/transfer_study.py", argv)
     data = prepare_data(args)
     checkpoint, pre_words, pre_summary = pretrain(args, data["shapes"]["path"])
     _, labels = load_digits_arrays()

@@ -98,6 +98,7 @@ def test_study_end_to_end(tmp_path):
             assert cfg["init"] == str(tmp_path / "pretrain" / "best.pt")
         if r["arm"] == "finetune":  # the fine-tuning defaults, untouched: SGD at 0.005 per 256 images, no decay
             assert (cfg["optimizer"], cfg["lr"], cfg["lr_per_256"], cfg["weight_decay"]) == ("sgd", None, 0.005, 0.0)
+        assert cfg["layer_decay"] == (0.75 if r["arm"] == "finetune_ld" else None)
     for regime, images, batch in (("10pct", 140, 32), ("100pct", 1442, 64)):
         group = [r for r in record["runs"] if r["regime"] == regime]
         assert {(r["train_images"], r["batch"], r["steps"]) for r in group} == {(images, batch, images // batch)}
@@ -108,7 +109,7 @@ def test_study_end_to_end(tmp_path):
     reinit = re.findall(r"fine-tuning \S+ from (\S+): \d+ of \d+ tensor\(s\) loaded; re-initialised head.weight, "
                         r"head.bias: the checkpoint's classes 3 \(disk, ring, square\) differ from the data's "
                         r"classes 10 \(0, 1, 2, 3, 4, \.\.\.\)", run.stderr)  # fmt: skip
-    assert reinit == [str(tmp_path / "pretrain" / "best.pt")] * 8  # 2 fine-tuning arms x 2 seeds x 2 regimes
+    assert reinit == [str(tmp_path / "pretrain" / "best.pt")] * 12  # 3 fine-tuning arms x 2 seeds x 2 regimes
 
     # the peers on the 10% subset: scikit-learn's SVC fit here on every tenth training digit of each class
     expected, labels = _tenth_of_each_class()
@@ -125,4 +126,4 @@ def test_study_end_to_end(tmp_path):
     stamp = (tmp_path / "runs" / "10pct" / "scratch" / "seed0" / "summary.json").stat().st_mtime_ns
     assert study.main(argv) == 0  # finished runs are read back, not trained again
     assert (tmp_path / "runs" / "10pct" / "scratch" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
-    assert "0 downstream run(s) trained, 12 read back" in (tmp_path / "transfer_table.md").read_text()
+    assert "0 downstream run(s) trained, 16 read back" in (tmp_path / "transfer_table.md").read_text()
