@@ -112,7 +112,9 @@ def test_predict_runs_the_optimized_model_with_the_plain_models_numbers(shapes):
     with torch.no_grad():
         expected = model(torch.stack([transform(load_image(p)) for p in images])).softmax(-1)
     assert any(isinstance(m, InferenceBlock) for m in inference_model(model, backend="torch").modules())
-    assert isinstance(inference_model(model), OnnxRuntimeModel)  # "auto" on CPU with onnxruntime installed
+    # "auto" on CPU with onnxruntime installed: onnxruntime for small batches, torch for large ones
+    assert isinstance(inference_model(model, batch_size=1), OnnxRuntimeModel)
+    assert not isinstance(inference_model(model, batch_size=64), OnnxRuntimeModel)
     assert inference_model(model, optimize=False) is model
     for optimize, backend in ((True, "torch"), (True, "onnxruntime"), (False, "auto")):
         results = predict_images(model, images, topk=6, batch_size=5, optimize=optimize, backend=backend)

@@ -8,7 +8,15 @@ import torch
 
 import cvt
 import cvt.export
-from cvt.inference import OnnxRuntimeModel, choose_backend, export_key, onnxruntime_available, optimize_for_inference
+from cvt.inference import (
+    ONNXRUNTIME_MAX_BATCH,
+    BatchRouter,
+    OnnxRuntimeModel,
+    choose_backend,
+    export_key,
+    onnxruntime_available,
+    optimize_for_inference,
+)
 from cvt.optimize import InferenceBlock
 from test_optimize import assert_close_relative, tiny_model  # tests/ is on sys.path (pytest's rootdir import)
 
@@ -61,17 +69,38 @@ def test_float32_backends_equal_the_plain_model(model, exports, backend, shape):
     assert_close_relative(out, expected, 1e-4)  # the stated tolerance of every float32 backend
 
 
-def test_auto_runs_onnxruntime_for_float32_on_cpu(model, exports, monkeypatch):
-    assert onnxruntime_available() and choose_backend("cpu") == "onnxruntime"
+def test_auto_picks_by_batch_size_for_float32_on_cpu(model, exports, monkeypatch):
+    assert onnxruntime_available()
+    assert choose_backend("cpu", batch_size=1) == choose_backend("cpu", batch_size=ONNXRUNTIME_MAX_BATCH)
+    assert choose_backend("cpu", batch_size=1) == "onnxruntime"
+    assert choose_backend("cpu", batch_size=ONNXRUNTIME_MAX_BATCH + 1) == "torch"
     monkeypatch.setenv("CVT_CACHE_DIR", str(exports["folder"]))  # the export made above: no second export
-    fast = optimize_for_inference(model, backend="auto")
+    fast = optimize_for_inference(model, backend="auto", batch_size=1)
     assert isinstance(fast, OnnxRuntimeModel) and fast.path == exports["first"].path
     assert fast.num_classes == model.num_classes and fast.data_config == model.data_config
+    large = optimize_for_inference(model, backend="auto", batch_size=ONNXRUNTIME_MAX_BATCH + 1)
+    assert any(isinstance(m, InferenceBlock) for m in large.modules())
+
+
+def test_auto_without_a_batch_size_routes_each_call(model, exports, monkeypatch):
+    monkeypatch.setenv("CVT_CACHE_DIR", str(exports["folder"]))
+    router = optimize_for_inference(model, backend="auto")
+    assert isinstance(router, BatchRouter) and isinstance(router.small, OnnxRuntimeModel)
+    assert router.num_classes == model.num_classes and router.class_names == model.class_names
+    ran = []
+    for part in (router.small, router.large):
+        part.register_forward_hook(lambda module, args, out: ran.append(module))
+    for batch in (1, ONNXRUNTIME_MAX_BATCH + 1):
+        x, expected = reference(model, (batch, 3, 48, 48))
+        with torch.inference_mode():
+            assert_close_relative(router(x), expected, 1e-4)
+    assert ran == [router.small, router.large]
 
 
 @pytest.mark.filterwarnings("ignore:this CPU has no native bfloat16")
 def test_auto_runs_torch_for_bfloat16(model):
     assert choose_backend("cpu", torch.bfloat16) == "torch" and choose_backend("cuda") == "torch"
+    assert choose_backend("cpu", compile=True) == "torch"
     fast = optimize_for_inference(model, torch.bfloat16, backend="auto")
     assert any(isinstance(m, InferenceBlock) for m in fast.modules())
     x, expected = reference(model, (4, 3, 64, 64))

@@ -9,13 +9,16 @@ Backends (each takes a batch of images as a torch tensor and returns float32 log
   uses (`torch.get_num_threads()` when the session is made). Exporting takes 20-60 s for CvT-13 on 2 cores, so the
   file is cached (`export_cache_dir()`), named by a hash of the weights, the architecture, the exporter's settings
   and the source of the code that builds the graph: a second call with the same model loads it in a second.
-- "auto": the fastest of the available backends for the device and dtype, by this rule (measured side by side
-  with `benchmarks/bench_models.py` on 2 CPU threads, CvT-13 and CvT-21 at 224, batch 1 and 32):
+- "auto": the fastest of the available backends for the device, dtype and batch size, by this rule (measured
+  side by side, `benchmarks/bench_models.py` and the notes in the README's Performance section):
   1. not on CPU, a dtype other than float32, or `compile=True`: "torch" (onnxruntime's CPU kernels have no
      bfloat16 matmul, while torch uses AVX512-BF16/AMX where the CPU has them);
-  2. float32 on CPU: "onnxruntime" when `onnx`, `onnxscript` and `onnxruntime` import (the `export` extra): it was
-     1.3-1.5x the "torch" backend at batch 1 and ahead at batch 32 as well, so the rule needs no batch size;
-  3. otherwise "torch", with a log message saying what to install.
+  2. float32 on CPU without `onnx`, `onnxscript` and `onnxruntime` (the `export` extra): "torch", logged;
+  3. float32 on CPU: onnxruntime for batches up to `ONNXRUNTIME_MAX_BATCH` images, where per-operator overhead
+     dominates and onnxruntime's fused graph was 1.1-1.5x the "torch" backend (batch 1-8, AMD EPYC with
+     AVX-512), and "torch" above it, where oneDNN's GEMMs win (onnxruntime read 0.6x at batch 32 there). With
+     `batch_size` (the largest batch the caller will pass) the one backend that fits is returned; without it, a
+     `BatchRouter` holding both sends each call to the one its batch size picks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .optimize import DEFAULT_CHUNK_ELEMENTS, InferenceBlock, rewrite_for_infere
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+ONNXRUNTIME_MAX_BATCH = 8  # "auto": onnxruntime up to this batch size, torch above (see the module docstring)
 CACHE_ENV = "CVT_CACHE_DIR"
 _CACHE_FORMAT = 1  # bump when the cached file's meaning changes
 
@@ -55,14 +59,16 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def choose_backend(device: str | torch.device, dtype: torch.dtype = torch.float32, compile: bool = False) -> str:
-    """The backend "auto" runs for a model on `device` in `dtype` (the rule in the module docstring)."""
+def choose_backend(
+    device: str | torch.device, dtype: torch.dtype = torch.float32, compile: bool = False, batch_size: int = 1
+) -> str:
+    """The backend "auto" runs for a batch of `batch_size` on `device` in `dtype` (the rule in the module docstring)."""
     if torch.device(device).type != "cpu" or dtype != torch.float32 or compile:
         return "torch"
-    if onnxruntime_available():
-        return "onnxruntime"
-    logger.info("onnxruntime is not installed (pip install 'cvt[export]'): running the PyTorch backend")
-    return "torch"
+    if not onnxruntime_available():
+        logger.info("onnxruntime is not installed (pip install 'cvt[export]'): running the PyTorch backend")
+        return "torch"
+    return "onnxruntime" if batch_size <= ONNXRUNTIME_MAX_BATCH else "torch"
 
 
 def export_cache_dir() -> Path:
@@ -119,6 +125,26 @@ class OnnxRuntimeModel(nn.Module):
         return f"path={str(self.path)!r}, threads={self.session.get_session_options().intra_op_num_threads}"
 
 
+class BatchRouter(nn.Module):
+    """Each call to the faster backend for its batch size: `small` up to `max_batch` images, `large` above.
+
+    Carries the metadata of the models it routes to (`num_classes`, `data_config`, ...), like `OnnxRuntimeModel`.
+    """
+
+    def __init__(self, small: nn.Module, large: nn.Module, max_batch: int = ONNXRUNTIME_MAX_BATCH) -> None:
+        super().__init__()
+        self.small, self.large, self.max_batch = small, large, max_batch
+        for name in ("cfg", "model_name", "data_config", "class_names", "pretrained_cfg", "num_classes"):
+            setattr(self, name, getattr(small, name))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(x) if x.shape[0] <= self.max_batch else self.large(x)
+
+    def extra_repr(self) -> str:
+        return f"max_batch={self.max_batch}"
+
+
 def _onnxruntime_model(model: CvT, cache_dir: str | os.PathLike | None) -> OnnxRuntimeModel:
     """Export the rewritten float32 model (or load the cached export) and open a session on it."""
     for module in ("onnx", "onnxscript", "onnxruntime"):
@@ -146,6 +172,7 @@ def optimize_for_inference(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     *,
     backend: str = "torch",
+    batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """A fast inference copy of `model`: images (B, C, H, W) -> float32 logits (B, classes); `model` is unchanged.
@@ -159,11 +186,12 @@ def optimize_for_inference(
         compile: wrap the "torch" backend's model in `torch.compile`.
         chunk_elements: hidden activations per MLP row chunk of the "torch" backend; 0 runs each MLP in one piece.
         backend: "torch", "onnxruntime" or "auto" (see the module docstring for the rule "auto" follows).
+        batch_size: for "auto", the largest batch the caller will pass; None routes each call by its own size.
         cache_dir: where "onnxruntime" caches its exports (default `export_cache_dir()`).
 
     Returns:
-        The "torch" backend's rewritten `CvT` (an `OptimizedModule` around it with `compile`), or an
-        `OnnxRuntimeModel`.
+        The "torch" backend's rewritten `CvT` (an `OptimizedModule` around it with `compile`), an
+        `OnnxRuntimeModel`, or for "auto" without `batch_size` possibly a `BatchRouter` between the two.
 
     Raises:
         ValueError: an unknown backend, or a setting the chosen backend does not have.
@@ -173,7 +201,11 @@ def optimize_for_inference(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     device = next(model.parameters()).device
     if backend == "auto":
-        backend = choose_backend(device, dtype, compile)
+        small = choose_backend(device, dtype, compile, 1)
+        if batch_size is None and small != choose_backend(device, dtype, compile, ONNXRUNTIME_MAX_BATCH + 1):
+            small_model = optimize_for_inference(model, backend=small, cache_dir=cache_dir)
+            return BatchRouter(small_model, rewrite_for_inference(model, dtype, compile, chunk_elements))
+        backend = choose_backend(device, dtype, compile, batch_size or 1)
     if backend == "torch":
         return rewrite_for_inference(model, dtype, compile, chunk_elements)
     if device.type != "cpu":
@@ -188,11 +220,14 @@ def optimize_for_inference(
 
 def is_optimized(model: nn.Module) -> bool:
     """Whether `model` already is what `optimize_for_inference` returns (of any backend)."""
-    return isinstance(model, OnnxRuntimeModel) or any(isinstance(m, InferenceBlock) for m in model.modules())
+    kinds = (OnnxRuntimeModel, BatchRouter, InferenceBlock)
+    return any(isinstance(m, kinds) for m in model.modules())
 
 
 __all__ = [
     "BACKENDS",
+    "ONNXRUNTIME_MAX_BATCH",
+    "BatchRouter",
     "OnnxRuntimeModel",
     "choose_backend",
     "export_cache_dir",

@@ -32,17 +32,22 @@ def _class_names(model: nn.Module) -> list[str] | None:
 
 
 def inference_model(
-    model: nn.Module, device: str | torch.device = "cpu", optimize: bool = True, backend: str = "auto"
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    optimize: bool = True,
+    backend: str = "auto",
+    batch_size: int | None = None,
 ) -> nn.Module:
     """`model` on `device` in eval mode, as `cvt eval` and `cvt predict` run it.
 
-    A `CvT` goes through `cvt.optimize_for_inference(model, backend=backend)` unless `optimize` is False: the same
-    outputs (float32, 1e-4 relative at most), faster, and less memory. Other modules are used as they are.
+    A `CvT` goes through `cvt.optimize_for_inference(model, backend=backend, batch_size=batch_size)` unless
+    `optimize` is False: the same outputs (float32, 1e-4 relative at most), faster, and less memory. `batch_size`
+    is the largest batch that will be passed ("auto" picks by it). Other modules are used as they are.
     """
-    if isinstance(model, nn.Module) and not is_optimized(model):
+    if not is_optimized(model):
         model = model.to(device).eval()
     if optimize and isinstance(model, CvT) and not is_optimized(model):
-        return optimize_for_inference(model, backend=backend)
+        return optimize_for_inference(model, backend=backend, batch_size=batch_size)
     return model
 
 
@@ -107,7 +112,7 @@ def evaluate_model(
     """
     dataset = open_eval_dataset(model, data, split=split)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    model = inference_model(model, device, optimize, backend)
+    model = inference_model(model, device, optimize, backend, min(batch_size, len(dataset)))
     res = evaluate(model, loader, num_classes=model.num_classes, device=device)
     confusion = res["confusion"]
     names = _class_names(model) or [str(c) for c in dataset.classes]
@@ -196,9 +201,9 @@ def predict_images(
     """
     transform = create_eval_transform(model.data_config)
     names = _class_names(model)
-    model = inference_model(model, device, optimize, backend)
-    k = min(topk, model.num_classes)
     paths = [Path(p) for p in images]
+    model = inference_model(model, device, optimize, backend, min(batch_size, len(paths)))
+    k = min(topk, model.num_classes)
     out = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
