@@ -1,9 +1,16 @@
 """Speed and peak memory of our CvT against transformers' CvT on the same weights, measured side by side.
 
-    .venv/bin/python benchmarks/bench_models.py                        # the README table (~25 min on 2 idle cores)
+    .venv/bin/python benchmarks/bench_models.py --readme --markdown perf.md   # the README's table (~20 min, 2 cores)
+    .venv/bin/python benchmarks/bench_models.py                        # every row, training and memory too (~45 min)
     .venv/bin/python benchmarks/bench_models.py --models cvt_13 --batch 1 --reps 3 --no-train --no-memory
     .venv/bin/python benchmarks/bench_models.py --extra official=my_pkg.cvt:build   # one more implementation
     .venv/bin/python benchmarks/bench_models.py --device cuda        # the same rows on a GPU
+
+`--readme` is the bounded run behind the README's Performance table: CvT-13 and CvT-21 at 224, inference at batch 1
+and 32, float32 and bfloat16 (where the CPU has native bf16), the compiled implementations at batch 1 and in
+bfloat16 (float32 at batch 32 gained nothing from compiling in earlier runs), 3 reps, no training or memory rows.
+`--markdown FILE` writes the machine, the GEMM peaks and the table, ready to paste. The first run on a machine also
+exports each model to ONNX once (~30 s each, cached under ~/.cache/cvt or $CVT_CACHE_DIR).
 
 Method (so the figures can be judged):
 - Each row runs in a fresh Python process, `torch.set_num_threads(2)` (`--threads`), so that nothing of one row
@@ -14,12 +21,15 @@ Method (so the figures can be judged):
   on a shared machine hits all of them alike. At batch 1 each turn is 5 calls whose first is not timed: the other
   models' turns leave the caches cold, which a model served alone never sees.
 - Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
-  `cvt.optimize_for_inference(model)`, `ours-opt-compiled` the same with `compile=True` (torch.compile, default
-  inductor settings); `hf` is `transformers.CvtForImageClassification` and `hf-compiled` the same under
-  `torch.compile`, what a user of transformers can do (`--no-compile` leaves both compiled rows out; compiling
-  takes ~40 s a row on 2 cores). Ours is timed with its default QuickGELU (what the released weights
-  need; transformers computes GELU, one kernel fewer per block), and before timing its logits with act="gelu"
-  are checked against transformers' on the same weights.
+  `cvt.optimize_for_inference(model)` (the "torch" backend), `ours-opt-compiled` the same with `compile=True`
+  (torch.compile, default inductor settings); `ours-ort` is `backend="onnxruntime"`, our own ONNX export run by
+  onnxruntime with the row's threads; `ours-auto` is `backend="auto"`, the best path, which picks one of those by
+  batch size (float32 rows on CPU only: elsewhere "auto" is `ours-opt`); `hf` is
+  `transformers.CvtForImageClassification` and `hf-compiled` the same under `torch.compile`, what a user of
+  transformers can do (`--no-compile` leaves both compiled rows out, `--compile-where` keeps them in some; compiling
+  takes ~40 s a row on 2 cores; `--no-onnx` leaves onnxruntime out). Ours is timed with its default QuickGELU
+  (what the released weights need; transformers computes GELU, one kernel fewer per block), and before timing its
+  logits with act="gelu" are checked against transformers' on the same weights.
 - Inference runs under `torch.inference_mode()`; a training step is forward + cross-entropy + backward +
   `AdamW.step()` (default settings for both), in train mode (drop path on, as configured).
 - bf16: the same models converted to bfloat16 (`optimize_for_inference(model, dtype=torch.bfloat16)` for ours,
@@ -30,9 +40,14 @@ Method (so the figures can be judged):
   steps and reads the mark (`VmHWM`): "peak RSS" is the process's largest resident set during those steps (model,
   activations, gradients, optimizer state, allocator slack: what the OS must provide), "(step)" its increase
   over the resident set just before them. Python-level tracers (tracemalloc) do not see torch's allocations.
-- Matmul peak: the fastest of 20 2048x2048 fp32 (and bf16) matmuls into a reused output buffer, measured in the
-  same run (a median read low when the shared machine was busy at that moment, and rows then passed 100%); "% peak"
-  is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts them; x3 for a training step) over it.
+- Ratios: "vs hf fp32" is against transformers in float32 in the same process (a bfloat16 row times `hf-fp32`
+  beside the others for it), "vs hf same dtype" against transformers in the row's dtype.
+- GEMM peaks: the fastest of 20 2048x2048 products into a reused output, measured in a fresh process at the start
+  of the run with the row's threads, for every GEMM at hand: torch's float32 (MKL/oneDNN), NumPy's float32
+  (OpenBLAS), onnxruntime's float32 (MLAS, a one-node MatMul graph) and torch's bfloat16 (oneDNN; AVX512-BF16 or
+  AMX where the CPU has them). "% GEMM peak" is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts
+  them; x3 for a training step) over the best float32 GEMM in float32 rows and over the bfloat16 GEMM in bfloat16
+  rows (a peak read low when the shared machine was busy at that moment, and rows then passed 100%).
 - Allocator: by default every process first calls `cvt.allocator.keep_freed_memory()`, as the `cvt` commands do,
   so that glibc reuses freed buffers instead of unmapping them: no implementation pays page faults and the ratios
   compare computation. `--allocator glibc` leaves glibc's defaults, what a script that does not call it gets: then
@@ -534,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
         with open(args.markdown, "w") as f:
-            f.write("\n".join(header) + report + "\n")
+            f.write("\n".join(header) + "\n" + report + "\n")
     if args.json:
         with open(args.json, "w") as f:
             result = {
