@@ -66,7 +66,7 @@ def choose_backend(
     if torch.device(device).type != "cpu" or dtype != torch.float32 or compile:
         return "torch"
     if not onnxruntime_available():
-        logger.info("onnxruntime is not installed (pip install 'cvt[export]'): running the PyTorch backend")
+        logger.info("onnxruntime is not installed (pip install 'cvt-pytorch[export]'): running the PyTorch backend")
         return "torch"
     return "onnxruntime" if batch_size <= ONNXRUNTIME_MAX_BATCH else "torch"
 
