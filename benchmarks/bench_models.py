@@ -1,9 +1,16 @@
 """Speed and peak memory of our CvT against transformers' CvT on the same weights, measured side by side.
 
-    .venv/bin/python benchmarks/bench_models.py                        # the README table (~25 min on 2 idle cores)
+    .venv/bin/python benchmarks/bench_models.py --readme --markdown perf.md   # the README's table (~20 min, 2 cores)
+    .venv/bin/python benchmarks/bench_models.py                        # every row, training and memory too (~45 min)
     .venv/bin/python benchmarks/bench_models.py --models cvt_13 --batch 1 --reps 3 --no-train --no-memory
     .venv/bin/python benchmarks/bench_models.py --extra official=my_pkg.cvt:build   # one more implementation
     .venv/bin/python benchmarks/bench_models.py --device cuda        # the same rows on a GPU
+
+`--readme` is the bounded run behind the README's Performance table: CvT-13 and CvT-21 at 224, inference at batch 1
+and 32, float32 and bfloat16 (where the CPU has native bf16), the compiled implementations at batch 1 and in
+bfloat16 (float32 at batch 32 gained nothing from compiling in earlier runs), 3 reps, no training or memory rows.
+`--markdown FILE` writes the machine, the GEMM peaks and the table, ready to paste. The first run on a machine also
+exports each model to ONNX once (~30 s each, cached under ~/.cache/cvt or $CVT_CACHE_DIR).
 
 Method (so the figures can be judged):
 - Each row runs in a fresh Python process, `torch.set_num_threads(2)` (`--threads`), so that nothing of one row
@@ -14,12 +21,15 @@ Method (so the figures can be judged):
   on a shared machine hits all of them alike. At batch 1 each turn is 5 calls whose first is not timed: the other
   models' turns leave the caches cold, which a model served alone never sees.
 - Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
-  `cvt.optimize_for_inference(model)`, `ours-opt-compiled` the same with `compile=True` (torch.compile, default
-  inductor settings); `hf` is `transformers.CvtForImageClassification` and `hf-compiled` the same under
-  `torch.compile`, what a user of transformers can do (`--no-compile` leaves both compiled rows out; compiling
-  takes ~40 s a row on 2 cores). Ours is timed with its default QuickGELU (what the released weights
-  need; transformers computes GELU, one kernel fewer per block), and before timing its logits with act="gelu"
-  are checked against transformers' on the same weights.
+  `cvt.optimize_for_inference(model)` (the "torch" backend), `ours-opt-compiled` the same with `compile=True`
+  (torch.compile, default inductor settings); `ours-ort` is `backend="onnxruntime"`, our own ONNX export run by
+  onnxruntime with the row's threads; `ours-auto` is `backend="auto"`, the best path, which picks one of those by
+  batch size (float32 rows on CPU only: elsewhere "auto" is `ours-opt`); `hf` is
+  `transformers.CvtForImageClassification` and `hf-compiled` the same under `torch.compile`, what a user of
+  transformers can do (`--no-compile` leaves both compiled rows out, `--compile-where` keeps them in some; compiling
+  takes ~40 s a row on 2 cores; `--no-onnx` leaves onnxruntime out). Ours is timed with its default QuickGELU
+  (what the released weights need; transformers computes GELU, one kernel fewer per block), and before timing its
+  logits with act="gelu" are checked against transformers' on the same weights.
 - Inference runs under `torch.inference_mode()`; a training step is forward + cross-entropy + backward +
   `AdamW.step()` (default settings for both), in train mode (drop path on, as configured).
 - bf16: the same models converted to bfloat16 (`optimize_for_inference(model, dtype=torch.bfloat16)` for ours,
@@ -30,9 +40,14 @@ Method (so the figures can be judged):
   steps and reads the mark (`VmHWM`): "peak RSS" is the process's largest resident set during those steps (model,
   activations, gradients, optimizer state, allocator slack: what the OS must provide), "(step)" its increase
   over the resident set just before them. Python-level tracers (tracemalloc) do not see torch's allocations.
-- Matmul peak: the fastest of 20 2048x2048 fp32 (and bf16) matmuls into a reused output buffer, measured in the
-  same run (a median read low when the shared machine was busy at that moment, and rows then passed 100%); "% peak"
-  is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts them; x3 for a training step) over it.
+- Ratios: "vs hf fp32" is against transformers in float32 in the same process (a bfloat16 row times `hf-fp32`
+  beside the others for it), "vs hf same dtype" against transformers in the row's dtype.
+- GEMM peaks: the fastest of 20 2048x2048 products into a reused output, measured in a fresh process at the start
+  of the run with the row's threads, for every GEMM at hand: torch's float32 (MKL/oneDNN), NumPy's float32
+  (OpenBLAS), onnxruntime's float32 (MLAS, a one-node MatMul graph) and torch's bfloat16 (oneDNN; AVX512-BF16 or
+  AMX where the CPU has them). "% GEMM peak" is the model's FLOPs per second (2 x MACs as `cvt.count_macs` counts
+  them; x3 for a training step) over the best float32 GEMM in float32 rows and over the bfloat16 GEMM in bfloat16
+  rows (a peak read low when the shared machine was busy at that moment, and rows then passed 100%).
 - Allocator: by default every process first calls `cvt.allocator.keep_freed_memory()`, as the `cvt` commands do,
   so that glibc reuses freed buffers instead of unmapping them: no implementation pays page faults and the ratios
   compare computation. `--allocator glibc` leaves glibc's defaults, what a script that does not call it gets: then
@@ -54,6 +69,7 @@ import ctypes
 import dataclasses
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -139,6 +155,68 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 20, device: str
     return 2 * n**3 / min(times) / 1e9
 
 
+def numpy_matmul_gflops(n: int = 2048, reps: int = 20) -> float:
+    """`matmul_gflops` for NumPy's BLAS (OpenBLAS in NumPy's wheels) in float32."""
+    import numpy as np  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.matmul(a, b, out=out)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def onnxruntime_matmul_gflops(threads: int, n: int = 2048, reps: int = 20) -> float:
+    """`matmul_gflops` for onnxruntime's own GEMM (MLAS): a one-node MatMul graph in a session of `threads`."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    from cvt.export import onnx_session  # noqa: PLC0415
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in ("a", "b")]
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", inputs, [output])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    session = onnx_session(proto.SerializeToString(), threads=threads)
+    rng = np.random.default_rng(0)
+    feed = {name: rng.standard_normal((n, n), dtype=np.float32) for name in ("a", "b")}
+    session.run(None, feed)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def peaks_child(spec: dict[str, Any]) -> None:
+    """Runs in a fresh process (BLAS pools sized by the environment `in_child` sets): prints every GEMM's peak."""
+    device, threads, bf16 = spec["device"], spec["threads"], spec["bf16"]
+    peaks = {"torch float32": matmul_gflops(torch.float32, device=device)}
+    if device == "cpu":
+        peaks["numpy float32"] = numpy_matmul_gflops()
+        if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+            peaks["onnxruntime float32"] = onnxruntime_matmul_gflops(threads)
+    # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
+    peaks["torch bfloat16"] = matmul_gflops(
+        torch.bfloat16, n=2048 if bf16 else 256, reps=20 if bf16 else 1, device=device
+    )
+    print(json.dumps(peaks))
+
+
+def dtype_peaks(gemms: dict[str, float]) -> dict[str, float]:
+    """The peak each row is measured against: the best float32 GEMM of any library, torch's bfloat16 GEMM."""
+    return {
+        "float32": max(v for k, v in gemms.items() if k.endswith("float32")),
+        "bfloat16": gemms["torch bfloat16"],
+    }
+
+
 # ---- implementations ----
 
 
@@ -158,6 +236,11 @@ def build(
         return ours.train(train).to(device, dtype)
     if impl in ("ours-opt", "ours-opt-compiled"):
         return cvt.optimize_for_inference(ours.to(device).eval(), dtype=dtype, compile=impl == "ours-opt-compiled")
+    if impl in ("ours-ort", "ours-auto"):  # our ONNX export in onnxruntime (cached), and the best path "auto" picks
+        backend = "onnxruntime" if impl == "ours-ort" else "auto"
+        return cvt.optimize_for_inference(ours.to(device).eval(), dtype=dtype, backend=backend)
+    if impl == "hf-fp32":  # the reference of every row, whatever the row's dtype
+        return build("hf", name, torch.float32, extras, train, act, device)
     if impl in ("hf", "hf-compiled"):
         import transformers  # noqa: PLC0415 - only the benchmark needs it
 
@@ -194,11 +277,24 @@ def make_step(model: nn.Module, task: str, x: torch.Tensor) -> Callable[[], None
     return train_step
 
 
-def implementations(row: Row, extras: dict[str, str], compiled: bool = False) -> list[str]:
-    names = ["ours", "ours-opt", "hf"] if row.task == "infer" else ["ours", "hf"]
-    if compiled and row.task == "infer":
-        names = ["ours", "ours-opt", "ours-opt-compiled", "hf", "hf-compiled"]
+def implementations(
+    row: Row, extras: dict[str, str], compiled: bool = False, onnx: bool = True, device: str = "cpu"
+) -> list[str]:
+    """The implementations timed side by side in `row` (`onnx`: include onnxruntime on our export)."""
+    if row.task != "infer":
+        return ["ours", "hf", *extras]
+    names = ["ours", "ours-opt"] + (["ours-opt-compiled"] if compiled else [])
+    if row.dtype == "float32" and onnx and device == "cpu":
+        names += ["ours-ort", "ours-auto"]  # onnxruntime runs float32 on CPU; elsewhere "auto" is ours-opt
+    names += ["hf"] + (["hf-compiled"] if compiled else [])
+    if row.dtype != "float32":
+        names.append("hf-fp32")
     return names + list(extras)
+
+
+def takes_float32_images(impl: str) -> bool:
+    """Whether `impl` is fed the float32 images (it converts them itself) rather than images of the row's dtype."""
+    return impl.startswith("ours-") or impl == "hf-fp32"
 
 
 # ---- measurements ----
@@ -220,12 +316,18 @@ def check_logits(name: str, device: str = "cpu") -> str:
 
 
 def in_child(kind: str, spec: dict[str, Any]) -> Any:
-    """Run `kind` ("time" or "memory") of `spec` in a fresh Python process and return what it prints (JSON)."""
+    """Run `kind` ("time", "memory" or "peaks") of `spec` in a fresh Python process and return what it prints
+    (JSON). BLAS libraries that size their thread pools from the environment get `spec["threads"]` threads."""
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps({"kind": kind, **spec})], capture_output=True, text=True
+        [sys.executable, __file__, "--child", json.dumps({"kind": kind, **spec})],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode:
-        raise RuntimeError(f"{kind} measurement of {spec['row']} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{kind} measurement of {spec.get('row', '')} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -237,18 +339,21 @@ def child(spec: dict[str, Any]) -> None:
     if spec["kind"] == "memory":
         memory_child(spec)
         return
+    if spec["kind"] == "peaks":
+        peaks_child(spec)
+        return
     row = Row(**spec["row"])
-    time_row(row, spec["extras"], spec["reps"], spec["compiled"], spec["device"])
+    time_row(row, spec["extras"], spec["reps"], spec["compiled"], spec["onnx"], spec["device"])
     print(json.dumps(row.results))
 
 
-def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool, device: str = "cpu") -> None:
+def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool, onnx: bool, device: str = "cpu") -> None:
     dtype = getattr(torch, row.dtype)
     x = torch.randn(row.batch, 3, row.size, row.size, generator=torch.Generator().manual_seed(0)).to(device)
     steps = {}
-    for impl in implementations(row, extras, compiled):
+    for impl in implementations(row, extras, compiled, onnx, device):
         model = build(impl, row.model, dtype, extras, row.task == "train", device=device)
-        steps[impl] = make_step(model, row.task, x if impl.startswith("ours-opt") else x.to(dtype))
+        steps[impl] = make_step(model, row.task, x if takes_float32_images(impl) else x.to(dtype))
         for _ in range(2 if row.batch == 1 else 1):
             steps[impl]()
     times: dict[str, list[float]] = {impl: [] for impl in steps}
@@ -269,7 +374,7 @@ def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool, device
 
 def memory_row(row: Row, spec: dict[str, Any]) -> None:
     """Peak memory of each implementation of `row`, each in its own fresh process (`spec`: the shared settings)."""
-    for impl in implementations(row, spec["extras"]):
+    for impl in implementations(row, spec["extras"], False, spec["onnx"], spec["device"]):
         peak, step = in_child("memory", {**spec, "row": dataclasses.asdict(row), "impl": impl})
         row.memory[impl] = (peak, step)
 
@@ -287,7 +392,7 @@ def memory_child(spec: dict[str, Any]) -> None:
     dtype = getattr(torch, row.dtype)
     model = build(spec["impl"], row.model, dtype, spec["extras"], row.task == "train", device=device)
     x = torch.randn(row.batch, 3, row.size, row.size).to(device)
-    step = make_step(model, row.task, x if spec["impl"].startswith("ours-opt") else x.to(dtype))
+    step = make_step(model, row.task, x if takes_float32_images(spec["impl"]) else x.to(dtype))
     if device != "cpu":
         before = torch.cuda.memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
@@ -311,26 +416,29 @@ def memory_child(spec: dict[str, Any]) -> None:
 
 
 def table(rows: list[Row], peaks: dict[str, float], macs: dict[tuple[str, int], int], memory: str = "RSS") -> str:
+    """The markdown table: img/s, the ratio to transformers in float32 and in the row's dtype, and the fraction of
+    the peak (`dtype_peaks`: the best float32 GEMM of torch, NumPy and onnxruntime, or torch's bfloat16 GEMM)."""
     lines = [
-        f"| model | task | dtype | batch | input | implementation | img/s | vs hf | % matmul peak | peak {memory} MiB "
-        "(step) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | task | dtype | batch | input | implementation | img/s | vs hf fp32 | vs hf same dtype "
+        f"| % GEMM peak | peak {memory} MiB (step) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.note:
-            lines.append(f"| {row.model} | {row.task} | {row.dtype} | {row.batch} | {row.size} | {row.note} |||||")
+            lines.append(f"| {row.model} | {row.task} | {row.dtype} | {row.batch} | {row.size} | {row.note} ||||||")
             continue
-        ref = row.results.get("hf")
+        same = row.results.get("hf")
+        fp32 = row.results.get("hf-fp32", same if row.dtype == "float32" else None)
         for impl, speed in row.results.items():
             flops = 2 * macs[(row.model, row.size)] * (3 if row.task == "train" else 1)
-            peak = peaks["bfloat16" if row.dtype == "bfloat16" else "float32"]
+            peak = peaks["float32" if impl == "hf-fp32" else row.dtype]
             frac = f"{100 * speed * flops / 1e9 / peak:.0f}%" if peak else "-"
-            ratio = f"{speed / ref:.2f}x" if ref else "-"
+            ratios = [f"{speed / ref:.2f}x" if ref else "-" for ref in (fp32, same)]
             mem = row.memory.get(impl)
             mem_text = f"{mem[0]:.0f} ({mem[1]:.0f})" if mem else "-"
             lines.append(
                 f"| {row.model} | {row.task} | {row.dtype} | {row.batch} | {row.size} | {impl} | {speed:.2f} | "
-                f"{ratio} | {frac} | {mem_text} |"
+                f"{ratios[0]} | {ratios[1]} | {frac} | {mem_text} |"
             )
     return "\n".join(lines)
 
@@ -353,6 +461,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile inference rows")
+    parser.add_argument(
+        "--compile-where",
+        nargs="+",
+        metavar="DTYPE:BATCH",
+        help="time the torch.compile implementations only in these inference rows (e.g. float32:1 bfloat16:32)",
+    )
+    parser.add_argument("--no-onnx", action="store_true", help="leave out onnxruntime (ours-ort, ours-auto)")
+    parser.add_argument(
+        "--readme",
+        action="store_true",
+        help="the README's table, bounded (~20 min on 2 cores): CvT-13 and CvT-21 at 224, inference at batch 1 "
+        "and 32 in float32 and bfloat16, compiled where it matters, 3 reps, no memory or training rows",
+    )
+    parser.add_argument("--markdown", metavar="FILE", help="also write the machine, the peaks and the table to FILE")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 kernels")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=MODULE:FACTORY")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -365,6 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
+    if args.readme:
+        args.models, args.batch, args.dtypes, args.reps = ["cvt_13", "cvt_21"], [1, 32], ["float32", "bfloat16"], 3
+        args.no_train = args.no_memory = True
+        # float32 at batch 32 is left uncompiled: there compiling won nothing for either model in earlier runs
+        args.compile_where = args.compile_where or ["float32:1", "bfloat16:1", "bfloat16:32"]
     torch.set_num_threads(args.threads)
     device = args.device
     if device != "cpu" and not torch.cuda.is_available():
@@ -373,12 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     bf16_ok = native_bf16(device) or args.force_bf16
     host = machine(device)
     print(f"machine: {host}; allocator: {args.allocator}", flush=True)
-    peaks = {"float32": matmul_gflops(torch.float32, device=device), "bfloat16": 0.0}
-    # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
-    peaks["bfloat16"] = matmul_gflops(
-        torch.bfloat16, n=2048 if bf16_ok else 256, reps=20 if bf16_ok else 1, device=device
-    )
-    print(f"matmul peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", flush=True)
+    gemms = in_child("peaks", {"threads": args.threads, "device": device, "bf16": bf16_ok, "allocator": "glibc"})
+    peaks = dtype_peaks(gemms)
+    peak_text = "GEMM peaks (2048x2048, best of 20): " + ", ".join(f"{k} {v:.0f}" for k, v in gemms.items())
+    print(peak_text + " GFLOP/s", flush=True)
 
     rows = []
     for name in args.models:
@@ -388,22 +513,52 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_train:
             rows += [Row(name, "train", "float32", b, s) for b, s in TRAIN_ROWS]
     macs = {(r.model, r.size): model_cost(cvt.model_config(r.model), (r.size, r.size))[1] for r in rows}
-    spec = {"extras": extras, "threads": args.threads, "device": device, "allocator": args.allocator}
+    spec = {
+        "extras": extras,
+        "threads": args.threads,
+        "device": device,
+        "allocator": args.allocator,
+        "onnx": not args.no_onnx,
+    }
+    started = time.perf_counter()
     for row in rows:
         if row.dtype == "bfloat16" and not bf16_ok:
             row.note = "not measured: no native bf16 on this CPU (scalar fallback, ~100x slower; --force-bf16)"
         else:
-            timing = {"row": dataclasses.asdict(row), "reps": args.reps, "compiled": not args.no_compile}
+            compiled = not args.no_compile and (
+                args.compile_where is None or f"{row.dtype}:{row.batch}" in args.compile_where
+            )
+            timing = {"row": dataclasses.asdict(row), "reps": args.reps, "compiled": compiled}
             row.results = in_child("time", {**spec, **timing})
             if not args.no_memory:
                 memory_row(row, spec)
         print("\n".join(table([row], peaks, macs).splitlines()[2:]), flush=True)
     print()
     memory = "RSS" if device == "cpu" else "GPU"
-    print(table(rows, peaks, macs, memory))
+    report = table(rows, peaks, macs, memory)
+    print(report)
+    minutes = (time.perf_counter() - started) / 60
+    if args.markdown:
+        command = " ".join(["benchmarks/bench_models.py", *(sys.argv[1:] if argv is None else argv)])
+        header = [
+            f"Measured with `{command}` ({minutes:.0f} min): {host}; allocator: {args.allocator}.",
+            "",
+            f'{peak_text} GFLOP/s. "% GEMM peak" is the model\'s FLOPs per second over the best float32 GEMM '
+            f"({peaks['float32']:.0f}) in float32 rows, over torch's bfloat16 GEMM ({peaks['bfloat16']:.0f}) in "
+            "bfloat16 rows.",
+            "",
+        ]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(header) + "\n" + report + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            result = {"machine": host, "matmul_gflops": peaks, "rows": [dataclasses.asdict(r) for r in rows]}
+            result = {
+                "machine": host,
+                "gemm_gflops": gemms,
+                "peaks": peaks,
+                "minutes": minutes,
+                "rows": [dataclasses.asdict(r) for r in rows],
+            }
             json.dump(result, f)
     return 0
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,19 @@ import torch
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory):
+    """ONNX exports of the "onnxruntime" backend go to one folder per test session, never the user's cache."""
+    folder = tmp_path_factory.mktemp("cvt-cache")
+    before = os.environ.get("CVT_CACHE_DIR")
+    os.environ["CVT_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("CVT_CACHE_DIR")
+    else:
+        os.environ["CVT_CACHE_DIR"] = before
 
 
 @pytest.fixture

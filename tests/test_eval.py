@@ -15,6 +15,7 @@ from cvt.checkpoint import save_model
 from cvt.cli import main
 from cvt.config import CvTConfig, DataConfig
 from cvt.data import create_eval_transform, load_image, make_dataset
+from cvt.inference import OnnxRuntimeModel
 from cvt.model import CvT
 from cvt.optimize import InferenceBlock
 from cvt.predict import inference_model, predict_images
@@ -92,7 +93,7 @@ def test_predict_with_a_model_built_from_a_config(shapes):
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor(BIAS))
     image = sorted((shapes / "val").rglob("*.*"))[0]
-    (result,) = predict_images(model, [image], topk=2)
+    (result,) = predict_images(model, [image], topk=2, backend="torch")  # the labels, not the backend, matter here
     total = sum(math.exp(b) for b in BIAS)
     assert [p["label"] for p in result["predictions"]] == ["0", "1"]
     assert [p["probability"] for p in result["predictions"]] == pytest.approx([math.exp(b) / total for b in BIAS[:2]])
@@ -110,10 +111,13 @@ def test_predict_runs_the_optimized_model_with_the_plain_models_numbers(shapes):
     transform = create_eval_transform(model.data_config)
     with torch.no_grad():
         expected = model(torch.stack([transform(load_image(p)) for p in images])).softmax(-1)
-    assert any(isinstance(m, InferenceBlock) for m in inference_model(model).modules())
+    assert any(isinstance(m, InferenceBlock) for m in inference_model(model, backend="torch").modules())
+    # "auto" on CPU with onnxruntime installed: onnxruntime for small batches, torch for large ones
+    assert isinstance(inference_model(model, batch_size=1), OnnxRuntimeModel)
+    assert not isinstance(inference_model(model, batch_size=64), OnnxRuntimeModel)
     assert inference_model(model, optimize=False) is model
-    for optimize in (True, False):
-        results = predict_images(model, images, topk=6, batch_size=5, optimize=optimize)
+    for optimize, backend in ((True, "torch"), (True, "onnxruntime"), (False, "auto")):
+        results = predict_images(model, images, topk=6, batch_size=5, optimize=optimize, backend=backend)
         for r, probs in zip(results, expected, strict=True):
             got = torch.zeros(6).index_put_((torch.tensor([p["index"] for p in r["predictions"]]),),
                                             torch.tensor([p["probability"] for p in r["predictions"]]))  # fmt: skip

@@ -1,4 +1,4 @@
-"""Inference rewrites (`cvt.optimize`) against the plain model's eval path and against transformers' CvT."""
+"""Inference rewrites (`cvt.optimize`, the "torch" backend) against the plain eval path and transformers' CvT."""
 
 import copy
 
@@ -10,7 +10,7 @@ from torch import nn
 import cvt
 from cvt.checkpoint import cvt_to_hf
 from cvt.model import QuickGELU
-from cvt.optimize import fold_batchnorm, optimize_for_inference
+from cvt.optimize import fold_batchnorm, rewrite_for_inference
 
 CLS_CONFIGS = {"cls_last": (False, False, True), "no_cls": (False, False, False), "cls_all": (True, True, True)}
 
@@ -66,7 +66,7 @@ def test_optimized_fp32_equals_plain_model(method, cls, batch, size):
         expected = model(x)
         # a small chunk size makes the MLP run over several row chunks, as it does at full size
         for chunk_elements in (0, 3000):
-            fast = optimize_for_inference(model, chunk_elements=chunk_elements)
+            fast = rewrite_for_inference(model, chunk_elements=chunk_elements)
             out = fast(x)
             assert out.shape == expected.shape == (batch, 11) and out.dtype == torch.float32
             assert_close_relative(out, expected, 1e-5)
@@ -76,16 +76,16 @@ def test_optimized_fp32_equals_plain_model(method, cls, batch, size):
 def test_optimize_leaves_the_model_alone_and_needs_no_grad():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast = optimize_for_inference(model)
+    fast = rewrite_for_inference(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in fast.parameters())
     with pytest.raises(ValueError, match="dtype"):
-        optimize_for_inference(model, dtype=torch.float16)
+        rewrite_for_inference(model, dtype=torch.float16)
 
 
 def test_optimized_model_traces():
     model = tiny_model()
-    fast = optimize_for_inference(model, chunk_elements=3000)
+    fast = rewrite_for_inference(model, chunk_elements=3000)
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         traced = torch.jit.trace(fast, x)
@@ -99,7 +99,7 @@ def test_optimized_bfloat16_close_to_fp32(method):
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-        out = optimize_for_inference(model, dtype=torch.bfloat16)(x)
+        out = rewrite_for_inference(model, dtype=torch.bfloat16)(x)
     assert out.dtype == torch.float32
     # bfloat16 keeps 8 bits of mantissa (relative step 2**-8 = 0.4%); errors add up over the blocks
     assert_close_relative(out, expected, 3e-2)
@@ -117,7 +117,7 @@ def test_optimized_bfloat16_top1_agrees_on_peaked_logits():
         model.head.weight.copy_(feats / feats.norm(dim=1, keepdim=True) * 4)
         model.head.bias.zero_()
         expected = model(x)
-        out = optimize_for_inference(model, dtype=torch.bfloat16)(x)
+        out = rewrite_for_inference(model, dtype=torch.bfloat16)(x)
     agree = (out.argmax(1) == expected.argmax(1)).float().mean().item()
     assert agree >= 0.99
 
@@ -141,7 +141,7 @@ def test_optimized_gelu_model_matches_transformers(batch, size):
     with torch.no_grad():
         expected = hf(x).logits
         assert_close_relative(model(x), expected, 1e-5)
-        assert_close_relative(optimize_for_inference(model)(x), expected, 1e-5)
+        assert_close_relative(rewrite_for_inference(model)(x), expected, 1e-5)
 
 
 # ---- the training path's rewrites in model.py ----
@@ -187,7 +187,7 @@ def test_optimized_model_exports_to_onnx(tmp_path):
     import onnxruntime  # noqa: PLC0415 - the export extra
 
     model = tiny_model()
-    fast = optimize_for_inference(model, chunk_elements=3000)
+    fast = rewrite_for_inference(model, chunk_elements=3000)
     x = torch.randn(2, 3, 64, 80)
     program = torch.onnx.export(fast, (x,), dynamo=True, dynamic_shapes=({0: "batch"},))
     session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -7,8 +7,8 @@ from .export import export_onnx, export_torchscript
 from .factory import create_model, load_model, resolve_model
 from .features import CvTFeatures
 from .flops import count_macs, count_params, model_cost
+from .inference import optimize_for_inference
 from .model import CvT
-from .optimize import optimize_for_inference
 from .publish import push_to_hub
 from .variants import list_models, model_config
 

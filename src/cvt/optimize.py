@@ -1,7 +1,9 @@
 """Inference-only rewrites of a CvT model: module swaps that keep its outputs.
 
 `fold_batchnorm` folds each eval-mode BatchNorm of the convolutional projection into the depth-wise convolution
-before it; the ONNX/TorchScript export uses it alone. `optimize_for_inference` goes further. Each rewrite keeps
+before it; the ONNX/TorchScript export of a plain model uses it alone. `rewrite_for_inference` goes further: it is
+the "torch" backend of `cvt.optimize_for_inference` (`cvt.inference`), and its float32 form is what the
+"onnxruntime" backend exports. Each rewrite keeps
 the model's function exactly (fp32 outputs agree up to rounding) and says below why:
 
 - BatchNorm with running statistics is a per-channel affine map: folded into the convolution's weight and bias.
@@ -223,7 +225,7 @@ class FloatLayerNorm(LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
 
 
-def optimize_for_inference(
+def rewrite_for_inference(
     model: CvT,
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
@@ -277,5 +279,5 @@ __all__ = [
     "InferenceConvEmbed",
     "InferenceMlp",
     "fold_batchnorm",
-    "optimize_for_inference",
+    "rewrite_for_inference",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from cvt.cli.usage import add_json_option
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
+from cvt.inference import BACKENDS
 from cvt.predict import evaluate_model, plot_confusion
 
 
@@ -24,6 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto (default: "
+                        "onnxruntime for float32 on CPU when installed, else torch)")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.set_defaults(func=run)
 
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         device=args.device,
         optimize=not args.no_optimize,
+        backend=args.backend,
     )
     res = {"model": str(args.model), "data": str(args.data), **res}
     out = Path(args.output)

@@ -8,6 +8,7 @@ import json
 from cvt.cli.usage import add_json_option
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
+from cvt.inference import BACKENDS
 from cvt.predict import list_images, predict_images
 
 
@@ -20,6 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto (default: "
+                        "onnxruntime for float32 on CPU when installed, else torch)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         optimize=not args.no_optimize,
+        backend=args.backend,
     )
     if args.json == "-":
         print(json.dumps(results, indent=2))
