@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -427,3 +428,21 @@ def test_weights_that_give_a_non_finite_loss_are_never_kept_as_the_good_checkpoi
     images = torch.stack([data[i][0] for i in range(8)])
     with torch.no_grad():
         assert torch.isfinite(model(images)).all()
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_symlink_loop_in_a_class_folder_counts_every_image_once(small, tmp_path, capsys):
+    from cvt.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    first = sorted(p.name for p in (data / "train").iterdir())[0]
+    (data / "train" / first / "loop").symlink_to("..")  # the class folder links back to train/: a loop
+    (data / "train" / first / "again.png").symlink_to(next((data / "train" / first).glob("*.png")))
+    ds = open_dataset(data, split="train")
+    assert len(ds) == 24  # 3 classes x 8; before: thousands, most under the wrong label
+    assert sorted(label for _, label in ds.samples) == sorted([0, 1, 2] * 8)
+    assert main(["check-data", str(data), "--split", "train"]) == 0
+    assert "24 readable images, 3 classes (8-8 per class)" in capsys.readouterr().out
