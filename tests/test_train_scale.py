@@ -337,7 +337,7 @@ def test_kill_between_last_and_best_leaves_best_consistent_after_resume(small, t
     kw = {"batch_size": 8, "epochs": 4, "val_split": "val", "lr": 3e-3}
     with deadline(120):
         full = train(small_config(small, tmp_path / "full", **kw))
-    best_epoch = full["best_epoch"]  # 0-based; the later epochs do not beat it
+    best_epoch = full["best_epoch"] - 1  # the summary counts from 1, the state from 0; later epochs do not beat it
     import cvt.train.loop as loop
 
     real = loop.save_checkpoint
@@ -354,7 +354,7 @@ def test_kill_between_last_and_best_leaves_best_consistent_after_resume(small, t
     (tmp_path / "run" / "run.lock").unlink(missing_ok=True)  # a kill -9 leaves its lock (a PID alive here)
     with deadline(120):
         resumed = train(small_config(small, tmp_path / "run", resume="auto", **kw))
-    assert resumed["best_epoch"] == best_epoch and resumed["best_top1"] == full["best_top1"]
+    assert resumed["best_epoch"] == full["best_epoch"] and resumed["best_top1"] == full["best_top1"]
     a = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "best.pt", weights_only=True)  # before: the previous best's, or none
     assert b["best"]["epoch"] == best_epoch
@@ -446,3 +446,36 @@ def test_symlink_loop_in_a_class_folder_counts_every_image_once(small, tmp_path,
     assert sorted(label for _, label in ds.samples) == sorted([0, 1, 2] * 8)
     assert main(["check-data", str(data), "--split", "train"]) == 0
     assert "24 readable images, 3 classes (8-8 per class)" in capsys.readouterr().out
+
+
+def test_write_shards_killed_part_way_is_refused_and_a_changed_shard_too(small, tmp_path, monkeypatch):
+    import cvt.data.shards as shards_module
+
+    train_ds = open_dataset(small, split="train")
+    real, added = shards_module._add_member, [0]
+
+    def dying(tar, name, data):
+        added[0] += 1
+        if added[0] > 2 * 10:  # the kill comes inside shard 3 of 5: shards 1 and 2 are finished
+            raise Killed
+        real(tar, name, data)
+
+    monkeypatch.setattr(shards_module, "_add_member", dying)
+    with pytest.raises(Killed):
+        write_shards(train_ds.samples, train_ds.classes, tmp_path / "cut", shard_size=5)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "cut").glob("*.tar"))) == 2  # before: opened silently as 10 of 24 samples
+    with pytest.raises(ValueError, match=r"no shards.json beside the shards.*unfinished `cvt write-shards`"):
+        open_dataset(tmp_path / "cut")
+    write_shards(train_ds.samples, train_ds.classes, tmp_path / "whole", shard_size=5)
+    assert len(open_dataset(tmp_path / "whole")) == 24
+    manifest = json.loads((tmp_path / "whole" / "shards.json").read_text())
+    assert manifest["classes"] == train_ds.classes and manifest["samples"] == 24
+    assert [v["samples"] for v in manifest["shards"].values()] == [5, 5, 5, 5, 4]
+    (tmp_path / "whole" / "shard-000004.tar").unlink()
+    with pytest.raises(ValueError, match=r"lacks shard\(s\) shard-000004.tar that .*shards.json lists"):
+        open_dataset(tmp_path / "whole")
+    shard = tmp_path / "whole" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"shard-000001.tar has 3000 bytes, .* records \d+: the shard changed"):
+        open_dataset(tmp_path / "whole" / "shard-{000000..000003}.tar")

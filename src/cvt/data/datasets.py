@@ -321,7 +321,7 @@ def open_dataset(
             f"{path} has no split sub-folders or files ({', '.join(SPLITS)}), so split={split!r} cannot apply"
         )
     if "{" in text or text.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar"))):
-        return TarShardDataset(expand_shards(text), **sharded, **common)
+        return TarShardDataset(expand_shards(text), whole=path.is_dir(), **sharded, **common)
     if text.endswith(".csv"):
         return ListDataset(path, classes=classes, **common)
     if not path.exists():
