@@ -479,3 +479,62 @@ def test_write_shards_killed_part_way_is_refused_and_a_changed_shard_too(small, 
     shard.write_bytes(shard.read_bytes()[:3000])
     with pytest.raises(ValueError, match=r"shard-000001.tar has 3000 bytes, .* records \d+: the shard changed"):
         open_dataset(tmp_path / "whole" / "shard-{000000..000003}.tar")
+
+
+# ---- damaged and wrong checkpoints on the resume path -----------------------------------------------------------
+
+
+class WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.fixture(scope="module")
+def finished_run(small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(small_config(small, out, batch_size=8, val_split="val"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "code", "state_dict", "best", "truncated_last"])
+@pytest.mark.parametrize("with_config", [False, True])
+def test_resume_from_a_wrong_file_says_what_it_is_and_what_to_do(finished_run, small, tmp_path, capsys, kind,
+                                                                  with_config):  # fmt: skip
+    from cvt.cli import main
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "run" / ("last.pt" if kind == "truncated_last" else f"{kind}.pt")
+    path.parent.mkdir()
+    expected = {
+        "empty": "is not a checkpoint: the file is empty",
+        "garbage": "not a PyTorch or safetensors file",
+        "code": "refusing to load",
+        "state_dict": "holds a state dict of 1 tensors (model weights); fine-tune from it with --set init=",
+        "best": "(a best.pt); resume from the run's last.pt",
+        "truncated_last": "no last.prev.pt beside it to fall back to",
+    }[kind]
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all " * 20)
+    elif kind == "code":
+        torch.save({"model": WritesAFile(marker)}, path)
+    elif kind == "state_dict":
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif kind == "best":
+        shutil.copy(finished_run / "best.pt", path)
+    else:
+        path.write_bytes((finished_run / "last.pt").read_bytes()[:20000])
+    args = ["train", "--resume", str(path)]
+    if with_config:
+        config = write_config(tmp_path / "tiny.py", small_config(small, tmp_path / "run", batch_size=8))
+        args += ["--config", str(config)]
+    with deadline(120):
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and not marker.exists()
+    assert f"cvt train: error: {path}" in err or f"{path}:" in err or f"{path} " in err, err
+    assert expected in err, err

@@ -158,10 +158,23 @@ def read_training_checkpoint(path: str | os.PathLike, *, resumable: bool = False
     path = Path(path)
     obj = read_weights_file(path)
     if not is_training_checkpoint(obj) or (resumable and obj.get("optimizer") is None):
-        what = "full training checkpoint" if resumable else "training checkpoint"
-        raise CheckpointError(f"{path} is not a {what} (format {TRAIN_FORMAT!r})")
+        needed = "full training checkpoint, the state a resume needs" if resumable else "training checkpoint"
+        raise CheckpointError(f"{path} is not a {needed} (format {TRAIN_FORMAT!r}): {_what_instead(obj, path)}")
     parse_metadata(obj, path, TRAIN_FORMAT_VERSION)
     return obj
+
+
+def _what_instead(obj: Any, path: Path) -> str:
+    """What a file that is no (full) training checkpoint holds, and what to do with it."""
+    if is_training_checkpoint(obj):
+        return (
+            "it holds a run's weights without the optimiser, schedule and RNG state (a best.pt); resume from the "
+            f"run's last.pt ({path.parent / 'last.pt'}), or fine-tune from it with --set init={path}"
+        )
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return f"it holds a state dict of {len(obj)} tensors (model weights); fine-tune from it with --set init={path}"
+    kind = f"a dict with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+    return f"it holds {kind}; resume from the last.pt of a cvt training run"
 
 
 def training_weights(obj: dict[str, Any], path: Path, *, ema: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:

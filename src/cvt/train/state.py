@@ -138,8 +138,13 @@ def read_resume_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
         return path, read_training_checkpoint(path, resumable=True)
     except CheckpointError as err:
         previous = path.with_name(PREVIOUS)
-        if path.name != "last.pt" or not previous.is_file():
+        if path.name != "last.pt":
             raise
+        if not previous.is_file():
+            raise CheckpointError(
+                f"{err}; there is no {PREVIOUS} beside it to fall back to: resume from another checkpoint, or start "
+                "a new run in another output"
+            ) from None
         logger.warning("%s; resuming from the previous checkpoint %s instead", err, previous)
         return previous, read_training_checkpoint(previous, resumable=True)
 
