@@ -5,6 +5,7 @@ import shutil
 from PIL import Image
 
 from cvt.cli import main
+from cvt.data import index_shards
 
 
 def test_make_dataset_then_check_clean(tmp_path, capsys):
@@ -61,6 +62,9 @@ def test_write_shards_and_check_them(tmp_path, capsys):
     assert "dataset (tar): 10 readable images, 2 classes (5-5 per class)" in capsys.readouterr().out
     shutil.copy(out / "shard-000000.tar", out / "shard-000003.tar")
     (out / "shard-000003.tar").write_bytes((out / "shard-000003.tar").read_bytes()[:1500])
+    assert main(["check-data", str(out)]) == 1  # a shard the manifest does not list: refused
+    assert "shard-000003.tar is not in" in capsys.readouterr().err
+    index_shards(out)  # taken in as it is: the damage is found by reading
     assert main(["check-data", str(out)]) == 1
     assert "shard-000003.tar" in capsys.readouterr().out
 

@@ -21,6 +21,7 @@ from cvt.data import (
     UnreadableImageError,
     create_train_transform,
     expand_braces,
+    index_shards,
     make_dataset,
     open_dataset,
     write_shards,
@@ -297,6 +298,7 @@ def test_tar_bad_member_is_skipped_or_strict(tmp_path, caplog):
         _add(tar, "0003.png", (tmp_path / "g.png").read_bytes())  # no label
         _add(tar, "0004.png", (tmp_path / "g.png").read_bytes())
         _add(tar, "0004.cls", b"cat")  # not a class index
+    index_shards(tmp_path)  # made by hand: given its manifest
     with caplog.at_level(logging.WARNING):
         got = list(open_dataset(tmp_path / "s-0.tar"))
     assert [(img.getpixel((0, 0)), label) for img, label in got] == [((7, 7, 7), 2)]
@@ -309,6 +311,7 @@ def test_tar_bad_member_is_skipped_or_strict(tmp_path, caplog):
     data = (tmp_path / "s-0.tar").read_bytes()
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "s-1.tar").write_bytes(data[:4000])  # cut inside sample 0002: only 0001 (label 2) is whole
+    index_shards(tmp_path / "cut")
     assert open_dataset(tmp_path / "cut" / "s-1.tar").classes == ["0", "1", "2"]
 
 
@@ -316,6 +319,7 @@ def test_tar_truncated_shard_keeps_what_came_before(shard_dir, tmp_path, caplog)
     data = (shard_dir / "shard-000000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
     shutil.copy(shard_dir / "classes.txt", tmp_path / "classes.txt")
+    index_shards(tmp_path)
     with caplog.at_level(logging.WARNING):
         got = list(open_dataset(tmp_path / "cut.tar"))
     assert 1 <= len(got) < 3

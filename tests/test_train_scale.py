@@ -6,8 +6,10 @@ are hand-computed from the dataset sizes (the agreed per-rank sample count: all 
 """
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +18,8 @@ import sys
 import pytest
 import torch
 
-from cvt.data import make_dataset, open_dataset, write_shards
+import cvt
+from cvt.data import create_eval_transform, make_dataset, open_dataset, write_shards
 from cvt.train import TrainConfig, train
 
 TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
@@ -317,3 +320,221 @@ def test_stale_lock_is_taken_over_and_released(folder, tmp_path, caplog):
     assert summary["global_step"] == 1
     assert any("stale lock" in r.getMessage() for r in caplog.records)
     assert not (out / "run.lock").exists() and not (out / ".last.pt.abc123.tmp").exists()
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs (not an Exception, so no handler of the run catches it)."""
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """3 classes x 8 training + 4 validation images: 3 steps of 8 per epoch."""
+    return make_dataset(tmp_path_factory.mktemp("small") / "shapes", num_classes=3, train_per_class=8,
+                        val_per_class=4, image_size=32)  # fmt: skip
+
+
+def test_kill_between_last_and_best_leaves_best_consistent_after_resume(small, tmp_path, monkeypatch):
+    kw = {"batch_size": 8, "epochs": 4, "val_split": "val", "lr": 3e-3}
+    with deadline(120):
+        full = train(small_config(small, tmp_path / "full", **kw))
+    best_epoch = full["best_epoch"] - 1  # the summary counts from 1, the state from 0; later epochs do not beat it
+    import cvt.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def killed_after_last(path, run, state, *args, **kwargs):
+        real(path, run, state, *args, **kwargs)
+        if path.name == "last.pt" and state.step == 0 and state.epoch == best_epoch + 1:
+            raise Killed  # last.pt of the best epoch is on disk, best.pt not yet
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after_last)
+    with deadline(120), pytest.raises(Killed):
+        train(small_config(small, tmp_path / "run", **kw))
+    monkeypatch.undo()
+    (tmp_path / "run" / "run.lock").unlink(missing_ok=True)  # a kill -9 leaves its lock (a PID alive here)
+    with deadline(120):
+        resumed = train(small_config(small, tmp_path / "run", resume="auto", **kw))
+    assert resumed["best_epoch"] == full["best_epoch"] and resumed["best_top1"] == full["best_top1"]
+    a = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "best.pt", weights_only=True)  # before: the previous best's, or none
+    assert b["best"]["epoch"] == best_epoch
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_damaged_last_pt_falls_back_to_the_previous_one(small, tmp_path, caplog):
+    kw = {"batch_size": 8, "epochs": 2}
+    with deadline(120):
+        full = train(small_config(small, tmp_path / "full", **kw))
+        train(small_config(small, tmp_path / "run", max_steps=4, **kw))  # last.pt at epoch 1 step 1, prev at 1/0
+        last = tmp_path / "run" / "last.pt"
+        last.write_bytes(last.read_bytes()[:5000])  # torn by a failing disk
+        resumed = train(small_config(small, tmp_path / "run", resume="auto", **kw))
+    assert any(f"cannot read {last}" in r.getMessage() and "last.prev.pt instead" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert resumed["completed"] and resumed["global_step"] == full["global_step"] == 6
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_full_disk_names_the_file_and_keeps_the_previous_checkpoint(small, tmp_path, monkeypatch):
+    kw = {"batch_size": 8, "epochs": 2}
+    with deadline(120):
+        train(small_config(small, tmp_path / "run", max_steps=3, **kw))
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        return FullDisk(f) if "b" in mode and "w" in mode else f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    full_disk = rf"cannot write {last}: No space left on device \(the disk is full"
+    with deadline(120), pytest.raises(OSError, match=full_disk):
+        train(small_config(small, tmp_path / "run", resume="auto", **kw))
+    monkeypatch.undo()
+    assert last.read_bytes() == before and not list(last.parent.glob(".last.pt.*.tmp"))
+
+
+def test_weights_that_give_a_non_finite_loss_are_never_kept_as_the_good_checkpoint(small, tmp_path):
+    # save_every_steps=1: last.pt is written after every step, also after the one that blew the weights up
+    kw = {"batch_size": 8, "epochs": 3, "save_every_steps": 1}
+    with deadline(120):
+        train(small_config(small, tmp_path / "run", max_steps=3, **kw))  # one good epoch
+    last = tmp_path / "run" / "last.pt"
+    with deadline(120), pytest.raises(RuntimeError, match="non-finite loss .*replaced by the previous checkpoint"):
+        train(small_config(small, tmp_path / "run", resume="auto", lr=1e30, **kw))
+    # the kept checkpoint's weights, run on real images outside the training code, give finite logits
+    model = cvt.load_model(last).eval()
+    data = open_dataset(small, split="train", transform=create_eval_transform(model.data_config))
+    images = torch.stack([data[i][0] for i in range(8)])
+    with torch.no_grad():
+        assert torch.isfinite(model(images)).all()
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_symlink_loop_in_a_class_folder_counts_every_image_once(small, tmp_path, capsys):
+    from cvt.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(small, data)
+    first = sorted(p.name for p in (data / "train").iterdir())[0]
+    (data / "train" / first / "loop").symlink_to("..")  # the class folder links back to train/: a loop
+    (data / "train" / first / "again.png").symlink_to(next((data / "train" / first).glob("*.png")))
+    ds = open_dataset(data, split="train")
+    assert len(ds) == 24  # 3 classes x 8; before: thousands, most under the wrong label
+    assert sorted(label for _, label in ds.samples) == sorted([0, 1, 2] * 8)
+    assert main(["check-data", str(data), "--split", "train"]) == 0
+    assert "24 readable images, 3 classes (8-8 per class)" in capsys.readouterr().out
+
+
+def test_write_shards_killed_part_way_is_refused_and_a_changed_shard_too(small, tmp_path, monkeypatch):
+    import cvt.data.shards as shards_module
+
+    train_ds = open_dataset(small, split="train")
+    real, added = shards_module._add_member, [0]
+
+    def dying(tar, name, data):
+        added[0] += 1
+        if added[0] > 2 * 10:  # the kill comes inside shard 3 of 5: shards 1 and 2 are finished
+            raise Killed
+        real(tar, name, data)
+
+    monkeypatch.setattr(shards_module, "_add_member", dying)
+    with pytest.raises(Killed):
+        write_shards(train_ds.samples, train_ds.classes, tmp_path / "cut", shard_size=5)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "cut").glob("*.tar"))) == 2  # before: opened silently as 10 of 24 samples
+    with pytest.raises(ValueError, match=r"no shards.json beside the shards.*unfinished `cvt write-shards`"):
+        open_dataset(tmp_path / "cut")
+    write_shards(train_ds.samples, train_ds.classes, tmp_path / "whole", shard_size=5)
+    assert len(open_dataset(tmp_path / "whole")) == 24
+    manifest = json.loads((tmp_path / "whole" / "shards.json").read_text())
+    assert manifest["classes"] == train_ds.classes and manifest["samples"] == 24
+    assert [v["samples"] for v in manifest["shards"].values()] == [5, 5, 5, 5, 4]
+    (tmp_path / "whole" / "shard-000004.tar").unlink()
+    with pytest.raises(ValueError, match=r"lacks shard\(s\) shard-000004.tar that .*shards.json lists"):
+        open_dataset(tmp_path / "whole")
+    shard = tmp_path / "whole" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"shard-000001.tar has 3000 bytes, .* records \d+: the shard changed"):
+        open_dataset(tmp_path / "whole" / "shard-{000000..000003}.tar")
+
+
+# ---- damaged and wrong checkpoints on the resume path -----------------------------------------------------------
+
+
+class WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.fixture(scope="module")
+def finished_run(small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(small_config(small, out, batch_size=8, val_split="val"))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["empty", "garbage", "code", "state_dict", "best", "truncated_last"])
+@pytest.mark.parametrize("with_config", [False, True])
+def test_resume_from_a_wrong_file_says_what_it_is_and_what_to_do(finished_run, small, tmp_path, capsys, kind,
+                                                                  with_config):  # fmt: skip
+    from cvt.cli import main
+
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "run" / ("last.pt" if kind == "truncated_last" else f"{kind}.pt")
+    path.parent.mkdir()
+    expected = {
+        "empty": "is not a checkpoint: the file is empty",
+        "garbage": "not a PyTorch or safetensors file",
+        "code": "refusing to load",
+        "state_dict": "holds a state dict of 1 tensors (model weights); fine-tune from it with --set init=",
+        "best": "(a best.pt); resume from the run's last.pt",
+        "truncated_last": "no last.prev.pt beside it to fall back to",
+    }[kind]
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all " * 20)
+    elif kind == "code":
+        torch.save({"model": WritesAFile(marker)}, path)
+    elif kind == "state_dict":
+        torch.save({"weight": torch.zeros(3)}, path)
+    elif kind == "best":
+        shutil.copy(finished_run / "best.pt", path)
+    else:
+        path.write_bytes((finished_run / "last.pt").read_bytes()[:20000])
+    args = ["train", "--resume", str(path)]
+    if with_config:
+        config = write_config(tmp_path / "tiny.py", small_config(small, tmp_path / "run", batch_size=8))
+        args += ["--config", str(config)]
+    with deadline(120):
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and not marker.exists()
+    assert f"cvt train: error: {path}" in err or f"{path}:" in err or f"{path} " in err, err
+    assert expected in err, err

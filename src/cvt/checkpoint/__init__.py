@@ -49,6 +49,7 @@ from .save import save_model
 from .training import (
     TRAIN_FORMAT,
     TRAIN_FORMAT_VERSION,
+    CheckpointWriteError,
     read_training_checkpoint,
     write_training_checkpoint,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriteError",
     "config_from_hf",
     "config_to_hf",
     "cvt_to_hf",

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 
-from cvt.checkpoint import read_training_checkpoint
 from cvt.cli.usage import UsageError
 from cvt.train import (
     PREEMPTED_EXIT_CODE,
@@ -16,6 +15,7 @@ from cvt.train import (
     finetune_config,
     load_config,
     load_config_module,
+    read_resume_checkpoint,
     resolve_resume,
     shipped_configs,
     train,
@@ -76,7 +76,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     elif args.resume:
         output = args.output or ("." if args.resume == "auto" else None)
         path = resolve_resume(args.resume, output or ".")
-        saved = read_training_checkpoint(path)["train_config"]
+        saved = read_resume_checkpoint(path)[1]["train_config"]
         # continue where the run stopped: its own max_steps would stop it again at once
         saved.update(max_steps=None, output=str(args.output or path.parent))
         cfg = apply_overrides(TrainConfig.from_dict(saved), extra)

@@ -13,7 +13,7 @@ from .digits import make_digits
 from .mixup import Mixup, SoftTargetCrossEntropy, one_hot_smooth
 from .resolve import create_transform, resolve_data_config
 from .seeding import rng_scope, sample_seed
-from .shards import TarShardDataset, expand_braces, expand_shards, write_shards
+from .shards import TarShardDataset, expand_braces, expand_shards, index_shards, write_shards
 from .synthetic import make_dataset
 from .transforms import (
     IMAGENET_MEAN,
@@ -45,6 +45,7 @@ __all__ = [
     "create_transform",
     "expand_braces",
     "expand_shards",
+    "index_shards",
     "is_image_file",
     "load_image",
     "make_dataset",

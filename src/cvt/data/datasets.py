@@ -150,9 +150,9 @@ class FolderDataset(ImageDataset):
                 raise ValueError(f"{root}: class folder(s) {unknown} are not among the given classes {list(classes)}")
         self.root = root
         self.ignored: list[str] = []
-        samples = []
+        samples, seen = [], set()
         for label, name in enumerate(classes):
-            for path in _walk_files(root / name):
+            for path in _walk_files(root / name, seen):
                 if is_image_file(path):
                     samples.append((path, label))
                 else:
@@ -167,13 +167,43 @@ def class_folders(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _walk_files(folder: Path) -> list[str]:
+def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> list[str]:
+    """The files below `folder` (links followed, sorted), each real file once: a directory met again through a
+    link (a loop, a link to a folder above, or two links to one folder) is not walked again, and a file already
+    in `seen` (by device and inode, shared across the class folders) is left out, with a warning."""
     if not folder.is_dir():
         return []
-    files = []
+    files, repeats = [], []
+    dirs = {(st.st_dev, st.st_ino) for st in map(os.stat, folder.resolve().parents)}  # a link up is a loop
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in dirs:
+            repeats.append(dirpath)
+            dirnames[:] = []
+            continue
+        dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            path = os.path.join(dirpath, name)
+            try:
+                fst = os.stat(path)
+            except OSError:  # a dangling link: listed, decoding reports it
+                files.append(path)
+                continue
+            key = (fst.st_dev, fst.st_ino)
+            if key in seen:
+                repeats.append(path)
+                continue
+            seen.add(key)
+            files.append(path)
+    if repeats:
+        logger.warning(
+            "%s: %d folder(s) or file(s) reached a second time through symbolic links (a loop, or links to the same "
+            "files) are counted once, e.g. %s",
+            folder,
+            len(repeats),
+            repeats[0],
+        )
     return files
 
 
@@ -291,7 +321,7 @@ def open_dataset(
             f"{path} has no split sub-folders or files ({', '.join(SPLITS)}), so split={split!r} cannot apply"
         )
     if "{" in text or text.endswith(".tar") or (path.is_dir() and any(path.glob("*.tar"))):
-        return TarShardDataset(expand_shards(text), **sharded, **common)
+        return TarShardDataset(expand_shards(text), whole=path.is_dir(), **sharded, **common)
     if text.endswith(".csv"):
         return ListDataset(path, classes=classes, **common)
     if not path.exists():

@@ -11,6 +11,11 @@ ranks, then each rank's shards round-robin to its loader workers, so every sampl
 across all ranks and workers. A rank with fewer shards than loader workers lets every worker read all of them and
 keep every n-th sample.
 
+Manifest: `cvt write-shards` writes each shard under a temporary name and, after the last one, `shards.json`
+beside them: the classes, and every shard's sample count and size. Reading refuses shards without a manifest (an
+interrupted write-shards, whose finished shards would open silently as a smaller dataset) and shards that disagree
+with it (missing, extra, or another size); `index_shards` writes one for complete shards made by other tools.
+
 Epoch length: the shards dealt to a rank change from epoch to epoch and hold different numbers of samples, each
 loader worker drops its own last partial batch, and unreadable samples are skipped, so a plain pass over a rank's
 shards yields a number of batches no rank can know in advance. Training sets a fixed length instead
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import logging
 import os
 import random
@@ -35,13 +41,15 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_json
 from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
 from .seeding import rng_scope, sample_seed
 
 logger = logging.getLogger(__name__)
 
 CLASSES_FILE = "classes.txt"
+MANIFEST_FILE = "shards.json"
+MANIFEST_FORMAT = "cvt.shards"
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -144,6 +152,8 @@ class TarShardDataset(IterableDataset):
         shuffle_buffer: samples held for shuffling per worker.
         classes: class names in label order; default `classes.txt` beside the first shard.
         max_pixels: decompression-bomb guard.
+        verify: check the shards against the manifest beside them (see the module notes).
+        whole: the shards are meant to be all of the manifest's (a directory): a missing one is an error too.
     """
 
     def __init__(
@@ -159,6 +169,8 @@ class TarShardDataset(IterableDataset):
         shuffle_buffer: int = 1000,
         classes: Sequence[str] | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        verify: bool = True,
+        whole: bool = False,
     ) -> None:
         super().__init__()
         if not shards:
@@ -171,6 +183,7 @@ class TarShardDataset(IterableDataset):
                 f"write at least {world_size} shards (cvt write-shards --shard-size smaller)"
             )
         self.shards = list(shards)
+        self._counts: dict[str, int] = read_manifest(self.shards, whole=whole) if verify else {}
         self.transform, self.strict = transform, strict
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
@@ -178,7 +191,6 @@ class TarShardDataset(IterableDataset):
         self.epoch = 0
         self.skipped: dict[str, str] = {}
         self._classes = list(classes) if classes is not None else None
-        self._counts: dict[str, int] = {}
         self.epoch_batches: int | None = None
         self.batch_size = 1
 
@@ -367,6 +379,8 @@ def write_shards(
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out / MANIFEST_FILE).unlink()  # until the last shard is written, the folder is no dataset
     order = list(range(len(samples)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -380,9 +394,77 @@ def write_shards(
                 _add_member(tar, f"{index:08d}.{ext}", Path(file).read_bytes())
                 _add_member(tar, f"{index:08d}.cls", str(label).encode())
         paths.append(path)
+    counts = [min(shard_size, len(order) - start) for start in range(0, len(order), shard_size)]
     with atomic_write(out / CLASSES_FILE, "w") as f:
         f.write("".join(f"{name}\n" for name in classes))
+    _write_manifest(out, paths, counts, list(classes))
     return paths
+
+
+def _write_manifest(folder: Path, paths: Sequence[Path], counts: Sequence[int], classes: list[str] | None) -> Path:
+    shards = {p.name: {"samples": n, "bytes": p.stat().st_size} for p, n in zip(paths, counts, strict=True)}
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "classes": classes, "samples": sum(counts), "shards": shards}
+    return write_json(manifest, folder / MANIFEST_FILE)
+
+
+def index_shards(source: str | os.PathLike, classes: Sequence[str] | None = None) -> Path:
+    """Write the manifest of complete shards that another tool made (counting each shard's samples once).
+
+    Args:
+        source: a directory of `.tar` shards.
+        classes: class names in label order, if known (else `classes.txt` or the labels decide when reading).
+
+    Returns:
+        The manifest's path.
+    """
+    folder = Path(source)
+    paths = [Path(p) for p in expand_shards(folder)]
+    dataset = TarShardDataset([str(p) for p in paths], verify=False)
+    counts = [dataset._count(str(p)) for p in paths]
+    return _write_manifest(folder, paths, counts, list(classes) if classes is not None else None)
+
+
+def read_manifest(shards: Sequence[str], *, whole: bool = False) -> dict[str, int]:
+    """{shard path: samples} from the manifest beside `shards`, which must all be in it with the recorded size.
+
+    Args:
+        shards: shard paths (one folder).
+        whole: also require every shard the manifest lists.
+
+    Raises:
+        ValueError: no manifest, an unreadable one, or shards that disagree with it; the message says what to do.
+    """
+    folder = Path(shards[0]).parent
+    path = folder / MANIFEST_FILE
+    redo = "rerun `cvt write-shards` into an empty folder"
+    if not path.is_file():
+        raise ValueError(
+            f"{folder}: no {MANIFEST_FILE} beside the shards, so they may be an unfinished `cvt write-shards` (it "
+            f"writes the manifest last): {redo}; shards that another tool made complete can be indexed with "
+            f"cvt.data.index_shards({str(folder)!r})"
+        )
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+        listed = {name: (int(v["samples"]), int(v["bytes"])) for name, v in manifest["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable shard manifest ({err}); {redo}") from None
+    counts = {}
+    for shard in shards:
+        name = Path(shard).name
+        if Path(shard).parent != folder:
+            raise ValueError(f"shards from more than one folder ({folder}, {Path(shard).parent}): use one folder")
+        if name not in listed:
+            raise ValueError(f"{shard} is not in {path}: the shards and their manifest disagree; {redo}")
+        size = Path(shard).stat().st_size
+        if size != listed[name][1]:
+            raise ValueError(
+                f"{shard} has {size} bytes, {path} records {listed[name][1]}: the shard changed or is damaged; {redo}"
+            )
+        counts[shard] = listed[name][0]
+    missing = sorted(set(listed) - {Path(s).name for s in shards}) if whole else []
+    if missing:
+        raise ValueError(f"{folder} lacks shard(s) {', '.join(missing[:3])} that {path} lists; {redo}")
+    return counts
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

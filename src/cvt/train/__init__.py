@@ -7,7 +7,11 @@ One function runs the paper's recipe on one CPU, one GPU, or many processes unde
     metrics.csv    one row per epoch: losses, top-1/top-5, learning rate, throughput
     summary.json   final and best top-1/top-5, epochs, wall time
     last.pt        the full training state (atomic; written every epoch, every `save_every_steps` and on stop)
-    best.pt        the weights of the best epoch (same format, without optimiser state)
+    last.prev.pt   the last.pt before the latest write, kept until the new one is complete and verified; a
+                   resume falls back to it (with a warning) when last.pt is damaged
+    best.pt        the weights of the best epoch (same format, without optimiser state); a resume rewrites it
+                   from last.pt when a kill came between the two
+    run.lock       the owner's PID and host while a run uses the directory (a second run is refused)
     curves.png     loss, accuracy and learning rate per epoch
 
 Checkpoints are in the "cvt.train" format of `cvt.checkpoint.training`, readable with
@@ -47,7 +51,7 @@ from .loop import train
 from .preempt import PREEMPTED_EXIT_CODE
 from .rng import rng_state, set_rng_state
 from .run_dir import plot_curves
-from .state import resolve_resume
+from .state import read_resume_checkpoint, resolve_resume
 
 __all__ = [
     "AMP_MODES",
@@ -60,6 +64,7 @@ __all__ = [
     "load_config",
     "load_config_module",
     "plot_curves",
+    "read_resume_checkpoint",
     "resolve_resume",
     "rng_state",
     "set_rng_state",

@@ -188,6 +188,17 @@ def sync_buffers(net: nn.Module, env: DistEnv) -> None:
             dist.broadcast(buf, 0)
 
 
+def all_finite(net: nn.Module, env: DistEnv) -> bool:
+    """Whether every parameter of `net` is finite, on every rank (collective; each checks its own shards)."""
+    bad = torch.zeros((), device=env.device)
+    for p in net.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 shard
+        bad += (~torch.isfinite(local.detach())).sum().float()
+    if env.distributed:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (no-op in one process)."""
     if env.distributed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointError, read_training_checkpoint
 from ..engine import EpochMeter, NonFiniteLossError, evaluate, train_one_epoch
 from .build import Run, build_run, check_options
 from .config import TrainConfig
@@ -19,7 +21,7 @@ from .distributed import DistEnv, setup_env, sync_buffers, teardown_env
 from .preempt import PREEMPTED_EXIT_CODE, StopRequest
 from .rng import deterministic
 from .run_dir import RunDir
-from .state import TrainState, resolve_resume, restore, save_checkpoint
+from .state import PREVIOUS, TrainState, repair_best, resolve_resume, restore, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 raise ValueError(f"{output} already holds a run (last.pt): resume it or choose another output")
             run = build_run(cfg, env)
             state = restore(resume, run, cfg, env) if resume is not None else TrainState()
+            if resume is not None:
+                repair_best(run_dir.path, run, state, cfg, env)
             run_dir.start(cfg.to_dict(), tensorboard=cfg.tensorboard)
             logger.info(
                 "training %s on %d image(s), %d class(es): %d process(es) x batch %d x accumulation %d = %d, "
@@ -67,9 +71,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             try:
                 status = _epochs(cfg, env, run, state, run_dir, stop)
             except NonFiniteLossError as err:
-                last = run_dir.path / "last.pt"
-                kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written"
-                raise _with_note(err, f"training stopped; {kept}") from err
+                raise _with_note(err, f"training stopped; {_keep_good(run_dir.path, err, env)}") from err
             finally:
                 run_dir.close(state.history)
             summary = _summary(cfg, env, run, state, run_dir, status == "completed")
@@ -175,6 +177,28 @@ def _preempted(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_
             PREEMPTED_EXIT_CODE,
         )
     return "preempted"
+
+
+def _keep_good(path: Path, err: NonFiniteLossError, env: DistEnv) -> str:
+    """Leave only a good last.pt after a non-finite loss, and say which: a last.pt written right before the step
+    that failed holds the weights that gave it (the step's loss is their first test), so the previous one replaces
+    it. Returns the note for the error message."""
+    last, previous = path / "last.pt", path / PREVIOUS
+    if not last.exists():
+        return "no checkpoint was written"
+    try:
+        step = read_training_checkpoint(last)["global_step"]
+    except CheckpointError:
+        step = None
+    if step != err.global_step:
+        return f"the last good checkpoint {last} is kept"
+    if not previous.exists():
+        if env.main:
+            os.replace(last, path / "last.diverged.pt")
+        return f"{last} held the weights that gave it (now last.diverged.pt); no good checkpoint is left"
+    if env.main:
+        os.replace(previous, last)
+    return f"{last} held the weights that gave it: replaced by the previous checkpoint, the last good one"
 
 
 def _stop(cfg: TrainConfig, state: TrainState) -> bool:

@@ -134,7 +134,10 @@ class RunDir:
         if self.writer is not None:
             self.writer.close()
         if self.main and history:
-            self._plot(history)
+            try:
+                self._plot(history)
+            except OSError as err:  # e.g. the disk that stopped the run is full: that error is the one to see
+                logger.warning("could not draw %s: %s", self.path / "curves.png", err)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write summary.json."""

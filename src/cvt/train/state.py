@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import read_training_checkpoint, write_training_checkpoint
-from ..engine import EpochMeter
+from ..checkpoint import CheckpointError, read_training_checkpoint, write_training_checkpoint
+from ..engine import EpochMeter, NonFiniteLossError
 from ..model import model_metadata
 from .build import Run
 from .config import TrainConfig
 from .distributed import (
     DistEnv,
+    all_finite,
     barrier,
     gather_rng,
     load_model_state,
@@ -27,6 +28,19 @@ from .distributed import (
 from .rng import seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
+
+PREVIOUS = "last.prev.pt"  # last.pt before the latest write, kept until the new one is complete and verified
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights became NaN or infinite (after a step whose loss was still finite): nothing is saved."""
+
+    def __init__(self, epoch: int, step: int, global_step: int, value: float) -> None:
+        super().__init__(epoch, step, global_step, value)
+        self.args = (
+            f"non-finite weights after step {step} of epoch {epoch} (global step {global_step}; all counted from 0): "
+            "not saved as a checkpoint",
+        )
 
 
 @dataclass
@@ -86,6 +100,8 @@ def save_checkpoint(
         full: everything a resume needs; False for the weights and metadata alone (`best.pt`).
     """
     sync_buffers(run.net, env)
+    if not all_finite(run.net, env):
+        raise NonFiniteWeightsError(state.epoch, state.step, state.global_step, float("nan"))
     weights = model_state(run.net, run.fsdp)
     optimizer = optimizer_state(run.net, run.optimizer, run.fsdp) if full else None
     rng = gather_rng(env) if full else None
@@ -106,13 +122,36 @@ def save_checkpoint(
             "train_config": cfg.to_dict(),
         }
         ema = run.ema.state_dict() if run.ema is not None else None
-        write_training_checkpoint(path, weights, model_metadata(run.net), ema=ema, state=resumable)
+        previous = path.with_name(PREVIOUS) if path.name == "last.pt" else None
+        write_training_checkpoint(path, weights, model_metadata(run.net), ema=ema, state=resumable, previous=previous)
     barrier(env)
+
+
+def read_resume_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(file, checkpoint) to resume from: `path`, or when a last.pt is damaged the last.prev.pt kept beside it.
+
+    Raises:
+        CheckpointError: the file (and its fallback) is no full training checkpoint; the message names the file,
+            what it is and what to do.
+    """
+    try:
+        return path, read_training_checkpoint(path, resumable=True)
+    except CheckpointError as err:
+        previous = path.with_name(PREVIOUS)
+        if path.name != "last.pt":
+            raise
+        if not previous.is_file():
+            raise CheckpointError(
+                f"{err}; there is no {PREVIOUS} beside it to fall back to: resume from another checkpoint, or start "
+                "a new run in another output"
+            ) from None
+        logger.warning("%s; resuming from the previous checkpoint %s instead", err, previous)
+        return previous, read_training_checkpoint(previous, resumable=True)
 
 
 def restore(path: Path, run: Run, cfg: TrainConfig, env: DistEnv) -> TrainState:
     """Load a full checkpoint into the run's objects and this process's RNGs; returns where the run stood."""
-    ckpt = read_training_checkpoint(path, resumable=True)
+    path, ckpt = read_resume_checkpoint(path)
     if list(ckpt["class_names"]) != list(run.classes):
         raise ValueError(f"{path} was trained on classes {ckpt['class_names']}, the data has {run.classes}")
     load_model_state(run.net, ckpt["model"], run.fsdp)
@@ -145,3 +184,29 @@ def restore(path: Path, run: Run, cfg: TrainConfig, env: DistEnv) -> TrainState:
         "resumed from %s at epoch %d, step %d (global step %d)", path, state.epoch, state.step, state.global_step
     )
     return state
+
+
+def repair_best(run_dir: Path, run: Run, state: TrainState, cfg: TrainConfig, env: DistEnv) -> None:
+    """Make best.pt hold the epoch the resumed state names as best (collective).
+
+    At an epoch end last.pt is written before best.pt; a run killed between the two leaves best.pt one improvement
+    behind, while last.pt holds the new best epoch's weights (it was written at that epoch's end): they are
+    written to best.pt.
+    """
+    epoch = state.best["epoch"]
+    if epoch is None:
+        return
+    best = run_dir / "best.pt"
+    try:
+        recorded = read_training_checkpoint(best)["best"]["epoch"] if best.is_file() else None
+    except (CheckpointError, KeyError, TypeError):
+        recorded = None
+    if recorded == epoch:
+        return
+    if (state.epoch, state.step) != (epoch + 1, 0):
+        logger.warning("%s holds epoch %s, not the best epoch %d, and cannot be repaired from here", best,
+                       recorded, epoch + 1)  # fmt: skip
+        return
+    logger.warning("%s holds epoch %s, not the best epoch %d (stopped between last.pt and best.pt): rewriting it",
+                   best, None if recorded is None else recorded + 1, epoch + 1)  # fmt: skip
+    save_checkpoint(best, run, state, cfg, env, full=False)
