@@ -78,7 +78,7 @@ def finetune_config(model: str, data: str, overrides: Sequence[str] = ()) -> Tra
         raise ValueError(f"{model} is evaluated at {height}x{width}; fine-tuning trains square inputs: "
                          "--set input_size=N")  # fmt: skip
     keys = {item.partition("=")[0].strip().partition(".")[0] for item in overrides}
-    probe = apply_overrides(TrainConfig(data=data, optimizer="sgd"), overrides)  # the split and optimiser to use
+    probe = apply_overrides(TrainConfig(data=data, optimizer="sgd"), overrides)  # the split, optimiser, device
     num_images = _count_images(probe.data, probe.train_split)
     cfg = TrainConfig(
         init=model,
@@ -103,7 +103,7 @@ def finetune_config(model: str, data: str, overrides: Sequence[str] = ()) -> Tra
         weight_decay=WEIGHT_DECAY.get(probe.optimizer, 0.0),
         momentum=0.9,
         sched_unit="step",
-        amp="bf16" if torch.cuda.is_available() else "none",
+        amp="bf16" if probe.device == "cuda" or probe.device == "auto" and torch.cuda.is_available() else "none",
         output="runs/finetune",
     )
     cfg = apply_overrides(cfg, overrides)
