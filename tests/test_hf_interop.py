@@ -119,3 +119,19 @@ def test_export_transformers_cannot_run_is_refused(tmp_path, capsys):
     cvt.save_model(demo, tmp_path / "own")
     assert main(["convert", str(tmp_path / "own"), str(tmp_path / "hf"), "--to", "hf"]) == 1
     assert "IndexError" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+@torch.no_grad()
+def test_our_export_loads_back_with_its_activation(tmp_path):
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for act in ("gelu", "quick_gelu"):
+        model = tiny_model(DATA_CONFIGS["64 center 0.875"], act=act)
+        cvt.save_model(model, tmp_path / act, format="hf")
+        back = cvt.load_model(tmp_path / act)
+        assert back.cfg.act == act and back.model_name == "tiny-test"
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+    # a folder transformers wrote records none: the authors' QuickGELU, as before
+    CvtForImageClassification(
+        CvtConfig(embed_dim=TINY["dims"], depth=TINY["depths"], num_heads=TINY["heads"])
+    ).save_pretrained(tmp_path / "theirs")
+    assert cvt.load_model(tmp_path / "theirs").cfg.act == "quick_gelu"

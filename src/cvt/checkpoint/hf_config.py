@@ -15,6 +15,7 @@ logger = logging.getLogger(__name__)
 PREPROCESSOR_FILE = "preprocessor_config.json"
 DATA_CONFIG_KEY = "cvt_data_config"  # our DataConfig, verbatim, in a Hugging Face config.json
 NAME_KEY = "cvt_model_name"  # and the model's name
+ACT_KEY = "cvt_act"  # and the activation the weights were trained with
 # PIL's resampling codes, as transformers' image processors record them
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 CONVNEXT_WARP_SIZE = 384  # ConvNextImageProcessor resizes the whole image (no crop) from this size up
@@ -24,8 +25,9 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
     """Our `CvTConfig` from a transformers `CvtConfig` dict (config.json).
 
     The activation stays QuickGELU, the authors' numerics (transformers computes GELU; pass `act="gelu"` to get
-    what it computes). LayerNorm eps is 1e-5: transformers' CvT never reads `layer_norm_eps` (its LayerNorms use
-    torch's default 1e-5), so the 1e-12 in its configs has no effect. `num_classes` comes from the weights.
+    what it computes), unless the folder was written by `save_model`, which records the model's ("cvt_act").
+    LayerNorm eps is 1e-5: transformers' CvT never reads `layer_norm_eps` (its LayerNorms use torch's default
+    1e-5), so the 1e-12 in its configs has no effect. `num_classes` comes from the weights.
     """
 
     def uniform(key: str, default: Any) -> Any:
@@ -64,6 +66,7 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
         drop_rate=uniform("drop_rate", 0.0),
         attn_drop_rate=uniform("attention_drop_rate", 0.0),
         in_chans=hf.get("num_channels", base.in_chans),
+        act=hf.get(ACT_KEY, base.act),
     )
 
 
@@ -75,8 +78,8 @@ def config_to_hf(
 ) -> dict[str, Any]:
     """A transformers `CvtConfig` dict (config.json of a `CvtForImageClassification`) for `cfg`.
 
-    `data_config` and `model_name`, when given, are recorded under "cvt_data_config" and "cvt_model_name"
-    (transformers keeps unknown keys), so that our loader recovers them exactly.
+    `data_config` and `model_name`, when given, are recorded under "cvt_data_config" and "cvt_model_name", and
+    the activation under "cvt_act" (transformers keeps unknown keys), so that our loader recovers them exactly.
 
     Raises:
         CheckpointError: `cfg` uses something transformers' CvT cannot compute (position embeddings, a class token
@@ -131,6 +134,7 @@ def config_to_hf(
         "label2id": {name: i for i, name in enumerate(names)},
         **({DATA_CONFIG_KEY: data_config.to_dict()} if data_config is not None else {}),
         **({NAME_KEY: model_name} if model_name else {}),
+        ACT_KEY: cfg.act,  # not read by transformers, which computes GELU
     }
 
 
