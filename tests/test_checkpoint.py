@@ -222,7 +222,8 @@ def test_training_checkpoint_reader_checks_format_version_and_resumability(tiny,
     weights_only["optimizer"] = None
     torch.save(weights_only, tmp_path / "best.pt")
     assert read_training_checkpoint(tmp_path / "best.pt")["model_config"] == TINY.to_dict()
-    with pytest.raises(CheckpointError, match=r"best\.pt is not a full training checkpoint \(format 'cvt\.train'\)"):
+    needs_state = r"best\.pt is not a full training checkpoint, the state a resume needs \(format 'cvt\.train'\)"
+    with pytest.raises(CheckpointError, match=needs_state):
         read_training_checkpoint(tmp_path / "best.pt", resumable=True)
     torch.save({**weights_only, "version": 2}, tmp_path / "future.pt")
     with pytest.raises(CheckpointError, match="'cvt.train' version 2 is not supported"):

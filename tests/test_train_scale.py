@@ -538,3 +538,58 @@ def test_resume_from_a_wrong_file_says_what_it_is_and_what_to_do(finished_run, s
     assert code != 0 and "Traceback" not in err and not marker.exists()
     assert f"cvt train: error: {path}" in err or f"{path}:" in err or f"{path} " in err, err
     assert expected in err, err
+
+
+# ---- settings -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("epochs=one", "epochs must be an int, got 'one'"),
+    ("lr=nan", "lr must be a finite number, got nan"),
+    ("lr_per_256=inf", "lr_per_256 must be a finite number, got inf"),
+    ("weight_decay=abc", "weight_decay must be a number, got 'abc'"),
+    ("epochs=0", "epochs must be >= 1, got 0"),
+    ("batch_size=2.5", "batch_size must be an int, got 2.5"),
+    ("scale=(0.5,)", "scale must be a tuple of 2 numbers or None, got (0.5,)"),
+])  # fmt: skip
+def test_set_values_are_checked_before_anything_is_created(small, tmp_path, capsys, setting, message):
+    from cvt.cli import main
+
+    config = write_config(tmp_path / "tiny.py", small_config(small, tmp_path / "run"))
+    assert main(["train", "--config", str(config), "--set", setting]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unusable_output_fails_before_data_and_model_are_built(tmp_path):
+    (tmp_path / "file").write_text("a file where the run directory should go")
+    cfg = small_config(tmp_path / "no-such-data", tmp_path / "file" / "run")
+    with pytest.raises(OSError, match=r"cannot write to the run directory .*file/run .*choose another output"):
+        train(cfg)  # before: the missing data was found first, an unwritable output only after building
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_with_a_c10d_rendezvous(folder, tmp_path):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path / "tiny.py", small_config(folder, tmp_path / "run", num_workers=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "issue15",
+                "-m", "cvt", "train", "--config", str(config)]  # fmt: skip
+    nodes = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]  # fmt: skip
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the two-node run still runs after 300 s: it hangs") from None
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["global_step"] == 180 // 2 // 4 and ckpt["epoch"] == 1
+    assert sum(json.loads(out)["completed"] for out, _ in outputs if out.strip()) == 1  # rank 0's summary

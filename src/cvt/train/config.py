@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib.util
 import json
+import math
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +147,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "scale", "ratio"):
-            if getattr(self, name) is not None:
+            if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
+        check_fields(self)
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp {self.amp!r} is not one of {AMP_MODES}")
         if self.accum_steps < 1:
@@ -172,6 +177,63 @@ class TrainConfig:
         )
 
 
+AT_LEAST = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "num_workers": 0, "eval_batch_size": 1,
+            "max_steps": 1, "save_every_steps": 1, "num_threads": 1, "warmup_epochs": 0}  # fmt: skip
+
+
+def check_fields(cfg: TrainConfig) -> None:
+    """Every field's value against its type (and the bounds of `AT_LEAST`; numbers finite), so that a wrong
+    `--set` fails at once, before anything is created: "epochs must be an int, got 'one'"."""
+    hints = _field_types()
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        if not _matches(value, hint):
+            raise ValueError(f"{f.name} must be {_describe(hint)}, got {value!r}")
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if f.name in AT_LEAST and value is not None and value < AT_LEAST[f.name]:
+            raise ValueError(f"{f.name} must be >= {AT_LEAST[f.name]}, got {value!r}")
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_matches, value, args))
+    if origin in (dict, list):
+        return isinstance(value, origin)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is tuple:
+        return f"a tuple of {len(args)} numbers" if all(a is float for a in args) else f"a tuple of {len(args)}"
+    names = {type(None): "None", bool: "True or False", int: "an int", float: "a number", str: "a string"}
+    return names.get(hint) or names.get(origin) or f"a {getattr(origin or hint, '__name__', hint)}"
+
+
 def _check_keys(data: dict[str, Any]) -> None:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - names)
@@ -180,6 +242,8 @@ def _check_keys(data: dict[str, Any]) -> None:
 
 
 def _parse_value(text: str) -> Any:
+    if text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        return float(text)  # a number, so that the check names it as one that is not finite
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):

@@ -68,16 +68,16 @@ class RunDir:
 
         Raises:
             RunDirLocked: another live run holds the lock.
-            PermissionError: the directory cannot be created or written (message names it).
+            OSError: the directory cannot be created or written (the message names it and the cause).
         """
         if not self.main:
             return
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = take_lock(self.path / LOCK_FILE)
-        except PermissionError as err:
-            raise PermissionError(
-                f"cannot write to the run directory {self.path} ({err.strerror}); choose another output"
+        except (PermissionError, FileExistsError, NotADirectoryError) as err:
+            raise type(err)(
+                err.errno, f"cannot write to the run directory {self.path} ({err.strerror}); choose another output"
             ) from None
         for name in RUN_FILES:
             for tmp in self.path.glob(f".{name}.*.tmp"):
