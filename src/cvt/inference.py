@@ -16,7 +16,9 @@ Backends (each takes a batch of images as a torch tensor and returns float32 log
   2. float32 on CPU without `onnx`, `onnxscript` and `onnxruntime` (the `export` extra): "torch", logged;
   3. float32 on CPU: onnxruntime for batches up to `ONNXRUNTIME_MAX_BATCH` images, where per-operator overhead
      dominates and onnxruntime's fused graph was 1.1-1.5x the "torch" backend (batch 1-8, AMD EPYC with
-     AVX-512), and "torch" above it, where oneDNN's GEMMs win (onnxruntime read 0.6x at batch 32 there). With
+     AVX-512, 1 thread), and "torch" above it, where the GEMMs dominate and torch's (oneDNN/MKL) are at least as
+     fast (onnxruntime read 0.79x at batch 16 and 0.61-1.06x at 32 in runs on a loaded machine; 1.07x at 32 on
+     an AVX2 EPYC). `ONNXRUNTIME_MAX_BATCH` is that threshold: `bench_models.py` times both paths. With
      `batch_size` (the largest batch the caller will pass) the one backend that fits is returned; without it, a
      `BatchRouter` holding both sends each call to the one its batch size picks.
 """
