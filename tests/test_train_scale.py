@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -593,3 +594,37 @@ def test_two_nodes_on_one_machine_with_a_c10d_rendezvous(folder, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 180 // 2 // 4 and ckpt["epoch"] == 1
     assert sum(json.loads(out)["completed"] for out, _ in outputs if out.strip()) == 1  # rank 0's summary
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(folder, tmp_path):
+    # a scheduler stops the job: SIGTERM to torchrun, which passes it to both ranks; they agree on a step and save
+    cfg = small_config(folder, tmp_path / "run", epochs=3)
+    config = write_config(tmp_path / "tiny.py", cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cvt",
+           "train", "--config", str(config)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            if "step(s) per epoch" in line:
+                break
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "SIGTERM: stopped at epoch" in err, err[-3000:]
+    mid = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert 0 < mid["global_step"] < 3 * 22 and len(mid["rng"]) == 2
+    done = torchrun(tmp_path, cfg, "--standalone", "--nproc-per-node", "2", args=["--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp_path / "ref").mkdir()
+    ref = torchrun(tmp_path / "ref", small_config(folder, tmp_path / "ref" / "run", epochs=3), "--standalone",
+                   "--nproc-per-node", "2")  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "run" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 3 * 22
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
