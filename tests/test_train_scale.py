@@ -628,3 +628,25 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(folde
     assert a["global_step"] == b["global_step"] == 3 * 22
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.slow
+def test_two_real_runs_on_one_output_the_second_is_refused(folder, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.py", small_config(folder, out, epochs=50, batch_size=8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "cvt", "train", "--config", str(config)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        for line in first.stderr:
+            if "step(s) per epoch" in line:
+                break
+        config_before = (out / "config.json").read_text()
+        with deadline(60), pytest.raises(RuntimeError, match=rf"in use by another run: pid {first.pid} on host"):
+            train(small_config(folder, out, epochs=2, lr=5e-4))  # before: both "completed" into one folder
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 75 and (out / "config.json").read_text() == config_before
+    assert not (out / "run.lock").exists()  # released by its owner
