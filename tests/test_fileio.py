@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import stat
@@ -47,3 +48,13 @@ def test_rewrite_keeps_the_existing_mode(tmp_path, umask):
     write_json({"epoch": 2}, target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert json.loads(target.read_text()) == {"epoch": 2}
+
+
+def test_full_disk_names_the_file_not_the_temporary(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("old\n")
+    full = rf"cannot write {path}: No space left on device"
+    with pytest.raises(OSError, match=full) as info, atomic_write(path, "w"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a write on a full disk raises
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]

@@ -7,6 +7,7 @@ under umask 022), the existing file's mode for a rewrite; `mkstemp` alone would 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+# a full disk, an exhausted quota, no permission, a read-only file system: said with the file's own name
+NAMED_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def _umask() -> int:
@@ -48,9 +52,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in NAMED_ERRORS and str(path) not in str(err):
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err  # the file, not the temp
         raise
 
 
