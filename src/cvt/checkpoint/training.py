@@ -158,9 +158,8 @@ def read_training_checkpoint(path: str | os.PathLike, *, resumable: bool = False
     path = Path(path)
     obj = read_weights_file(path)
     if not is_training_checkpoint(obj) or (resumable and obj.get("optimizer") is None):
-        needed = "full training checkpoint" if resumable else "training checkpoint"
-        need = ", the state a resume needs" if resumable else ""
-        raise CheckpointError(f"{path} is not a {needed} (format {TRAIN_FORMAT!r}){need}: {_what_instead(obj, path)}")
+        needed = "full training checkpoint, the state a resume needs" if resumable else "training checkpoint"
+        raise CheckpointError(f"{path} is not a {needed} (format {TRAIN_FORMAT!r}): {_what_instead(obj, path)}")
     parse_metadata(obj, path, TRAIN_FORMAT_VERSION)
     return obj
 
