@@ -263,14 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, nargs=3, default=[1, 2, 4], help="attention heads per stage")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: on a shared machine more threads than free cores is far slower)",
-    )
+    studies.add_compute_options(p)
     args = p.parse_args(argv)  # fmt: skip
     shapes_only = [f"--{k.replace('_', '-')}" for k in SHAPES_DEFAULTS if getattr(args, k) is not None]
     if args.dataset == "digits" and shapes_only:

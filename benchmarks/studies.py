@@ -6,6 +6,7 @@ Imported by the scripts of this directory (on `sys.path` when one runs as a scri
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -112,6 +113,18 @@ def save_figure(fig: Any, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def add_compute_options(p: argparse.ArgumentParser) -> None:
+    """The options both studies take for where and how their runs compute."""
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared machine more threads than free cores is far slower)",
+    )
 
 
 def command_line(script: str, argv: list[str]) -> str:

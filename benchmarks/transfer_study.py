@@ -334,14 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pretrain-per-class", type=int, default=600, help="training shapes per class")
     p.add_argument("--pretrain-val-per-class", type=int, default=50, help="validation shapes per class")
     p.add_argument("--image-size", type=int, default=32, help="side of both datasets' images, and the model's input")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: on a shared machine more threads than free cores is far slower)",
-    )
+    studies.add_compute_options(p)
     args = p.parse_args(argv)  # fmt: skip
     args.arms = list(ARMS) if "all" in args.arms else list(dict.fromkeys(args.arms))
     args.fractions = sorted(dict.fromkeys(args.fractions))
