@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -599,33 +598,36 @@ def test_two_nodes_on_one_machine_with_a_c10d_rendezvous(folder, tmp_path):
 @pytest.mark.slow
 def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resume_is_exact(folder, tmp_path):
     # a scheduler stops the job: SIGTERM to torchrun, which passes it to both ranks; they agree on a step and save
-    cfg = small_config(folder, tmp_path / "run", epochs=3)
+    # signalled once the first epoch has ended (not after a fixed sleep: on an idle machine three epochs took under
+    # two seconds and the run had finished), with seven epochs still to go
+    epochs = 8
+    cfg = small_config(folder, tmp_path / "run", epochs=epochs)
     config = write_config(tmp_path / "tiny.py", cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cvt",
            "train", "--config", str(config)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        for line in proc.stderr:
-            if "step(s) per epoch" in line:
-                break
-        time.sleep(2)
+        with deadline(120):
+            for line in proc.stderr:
+                if f"epoch 1/{epochs}" in line:
+                    break
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert "SIGTERM: stopped at epoch" in err, err[-3000:]
     mid = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert 0 < mid["global_step"] < 3 * 22 and len(mid["rng"]) == 2
+    assert 22 <= mid["global_step"] < epochs * 22 and len(mid["rng"]) == 2
     done = torchrun(tmp_path, cfg, "--standalone", "--nproc-per-node", "2", args=["--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     (tmp_path / "ref").mkdir()
-    ref = torchrun(tmp_path / "ref", small_config(folder, tmp_path / "ref" / "run", epochs=3), "--standalone",
+    ref = torchrun(tmp_path / "ref", small_config(folder, tmp_path / "ref" / "run", epochs=epochs), "--standalone",
                    "--nproc-per-node", "2")  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     a = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "ref" / "run" / "last.pt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 3 * 22
+    assert a["global_step"] == b["global_step"] == epochs * 22
     for key in b["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
 
