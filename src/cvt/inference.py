@@ -25,6 +25,7 @@ Backends (each takes a batch of images as a torch tensor and returns float32 log
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -81,14 +82,20 @@ def export_cache_dir() -> Path:
     return Path(base) / "cvt"
 
 
+@functools.cache
+def _source_digest() -> bytes:
+    """A hash of the modules that build the exported graph, read once per process."""
+    sources = (model_module, optimize_module, export_module)
+    return hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in sources)).digest()
+
+
 def export_key(model: CvT, settings: dict[str, Any]) -> str:
     """A hash of everything the exported graph depends on: weights, architecture, settings and the source of the
     modules that build it (a changed rewrite makes a new file, never a stale one)."""
     digest = hashlib.sha256()
     header = {"format": _CACHE_FORMAT, "torch": torch.__version__, "config": model.cfg.to_dict(), **settings}
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for module in (model_module, optimize_module, export_module):
-        digest.update(Path(module.__file__).read_bytes())
+    digest.update(_source_digest())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the raw bytes
@@ -203,11 +210,11 @@ def optimize_for_inference(
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     device = next(model.parameters()).device
     if backend == "auto":
-        small = choose_backend(device, dtype, compile, 1)
-        if batch_size is None and small != choose_backend(device, dtype, compile, ONNXRUNTIME_MAX_BATCH + 1):
-            small_model = optimize_for_inference(model, backend=small, cache_dir=cache_dir)
-            return BatchRouter(small_model, rewrite_for_inference(model, dtype, compile, chunk_elements))
+        # only onnxruntime depends on the batch size: without one, a router holds both and picks per call
         backend = choose_backend(device, dtype, compile, batch_size or 1)
+        if backend == "onnxruntime" and batch_size is None:
+            large = rewrite_for_inference(model, dtype, compile, chunk_elements)
+            return BatchRouter(_onnxruntime_model(model, cache_dir), large)
     if backend == "torch":
         return rewrite_for_inference(model, dtype, compile, chunk_elements)
     if device.type != "cpu":

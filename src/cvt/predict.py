@@ -44,8 +44,7 @@ def inference_model(
     `optimize` is False: the same outputs (float32, 1e-4 relative at most), faster, and less memory. `batch_size`
     is the largest batch that will be passed ("auto" picks by it). Other modules are used as they are.
     """
-    if not is_optimized(model):
-        model = model.to(device).eval()
+    model = model.to(device).eval()
     if optimize and isinstance(model, CvT) and not is_optimized(model):
         return optimize_for_inference(model, backend=backend, batch_size=batch_size)
     return model
