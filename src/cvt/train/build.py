@@ -267,9 +267,10 @@ def count_steps(cfg: TrainConfig, env: DistEnv, dataset: Dataset, loader: DataLo
     if isinstance(dataset, IterableDataset):
         if not hasattr(dataset, "set_epoch_length"):
             raise ValueError(f"streaming dataset {type(dataset).__name__} cannot fix its epoch length; use tar shards")
-        per_rank = dataset.total_samples() // env.world_size
+        total = dataset.total_samples()
+        per_rank = total // env.world_size
         batches = per_rank // cfg.batch_size
-        what = f"{per_rank} sample(s) per process ({dataset.total_samples()} over {env.world_size})"
+        what = f"{per_rank} sample(s) per process ({total} over {env.world_size})"
     else:
         batches = len(loader)
         what = f"{batches} batch(es) of {cfg.batch_size} per process"

@@ -152,8 +152,6 @@ class TrainConfig:
         check_fields(self)
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp {self.amp!r} is not one of {AMP_MODES}")
-        if self.accum_steps < 1:
-            raise ValueError("TrainConfig.accum_steps must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""
