@@ -64,23 +64,22 @@ def param_groups(
             raise ValueError(f"layer_decay needs a model with group_matcher(); {type(model).__name__} has none")
         layers = layer_ids((name for name, _ in model.named_parameters()), model.group_matcher(coarse=False))
     last = max(layers.values(), default=0)
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    def new_group(layer: int, no_decay: bool) -> dict[str, Any]:
+        group: dict[str, Any] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay}
+        if layer_decay is not None:
+            group["lr_scale"] = layer_decay ** (last - layer)
+        return group
+
+    # without layer decay: always the two groups, decayed first, even when one is empty
+    groups = {} if layer_decay is not None else {(0, False): new_group(0, False), (0, True): new_group(0, True)}
     for name, param in named:
         no_decay = param.ndim <= 1 or name in skip
         layer = layers.get(name, last)
         group = groups.get((layer, no_decay))
         if group is None:
-            group = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay}
-            if layer_decay is not None:
-                group["lr_scale"] = layer_decay ** (last - layer)
-            groups[layer, no_decay] = group
+            group = groups[layer, no_decay] = new_group(layer, no_decay)
         group["params"].append(param)
         group["names"].append(name)
-    if layer_decay is None:  # always the two groups, decayed first, even when one is empty
-        for no_decay in (False, True):
-            groups.setdefault(
-                (0, no_decay), {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay}
-            )
     return [groups[k] for k in sorted(groups)]
 
 
