@@ -18,6 +18,7 @@ from cvt.inference import (
     optimize_for_inference,
 )
 from cvt.optimize import InferenceBlock
+from cvt.predict import inference_model
 from test_optimize import assert_close_relative, tiny_model  # tests/ is on sys.path (pytest's rootdir import)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
@@ -171,3 +172,12 @@ def test_settings_a_backend_does_not_have_are_refused(model):
         optimize_for_inference(model, torch.bfloat16, backend="onnxruntime")
     with pytest.raises(ValueError, match="use backend='torch'"):
         optimize_for_inference(model, compile=True, backend="onnxruntime")
+
+
+def test_inference_model_moves_an_already_optimized_model_to_the_device():
+    # what `cvt eval --device cuda` does with a model optimized before; "meta" stands in for the other device here.
+    # The reference is torch's own placement of the parameters, not our code's.
+    optimized = cvt.optimize_for_inference(tiny_model(), backend="torch")  # its own: moving may share tensors
+    moved = inference_model(optimized, device="meta")
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
+    assert not moved.training
