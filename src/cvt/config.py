@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +32,35 @@ _PER_STAGE = (
     "pos_embed",
     "drop_path_rate",
 )
+MAX_STAGES = 16
+# The integers a sane architecture holds, (smallest, largest) per entry: far beyond every released model (CvT-W24:
+# width 1024, 20 blocks, kernel 7) and beyond what any real one needs, so that a mistyped or hostile file is refused
+# by its numbers before anything is allocated. What these bounds still allow is capped by the parameter count
+# (`cvt.shapes.check_size`).
+INT_RANGES = {
+    "dims": (1, 65536),
+    "depths": (1, 1024),
+    "heads": (1, 65536),
+    "embed_kernel": (1, 64),
+    "embed_stride": (1, 64),
+    "embed_padding": (0, 63),
+    "qkv_kernel": (1, 64),
+    "stride_q": (1, 64),
+    "stride_kv": (1, 64),
+    "pos_embed_size": (1, 65536),
+    "in_chans": (1, 4096),
+    "num_classes": (0, 1 << 24),
+}
+# The real-valued fields, (low, high, whether high is allowed); low is never allowed except for the rates (0)
+FLOAT_RANGES = {
+    "mlp_ratio": (0.0, 64.0, True),
+    "drop_path_rate": (0.0, 1.0, False),
+    "drop_rate": (0.0, 1.0, False),
+    "attn_drop_rate": (0.0, 1.0, False),
+    "norm_eps": (0.0, 1.0, False),
+}
+_RATES = ("drop_path_rate", "drop_rate", "attn_drop_rate")
+_TUPLE_FIELDS = (*_PER_STAGE, "pos_embed_size")
 
 
 @dataclass(frozen=True)
@@ -90,27 +122,36 @@ class CvTConfig:
     global_pool: str | None = None
 
     def __post_init__(self) -> None:
-        num_stages = len(self.dims) if isinstance(self.dims, (tuple, list)) else len(self.depths)
+        num_stages = _num_stages(self)
         for name in _PER_STAGE:
             value = getattr(self, name)
             value = tuple(value) if isinstance(value, (tuple, list)) else (value,) * num_stages
             if len(value) != num_stages:
-                raise ValueError(f"CvTConfig.{name} has {len(value)} entries but the model has {num_stages} stages")
+                raise ConfigError(name, f" has {len(value)} entries but the model has {num_stages} stages")
             object.__setattr__(self, name, value)
         size = self.pos_embed_size
-        object.__setattr__(self, "pos_embed_size", tuple(size) if isinstance(size, (tuple, list)) else (size, size))
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if len(size) != 2:
+            raise ConfigError("pos_embed_size", f" has {len(size)} entries: it is (height, width)")
+        object.__setattr__(self, "pos_embed_size", size)
+        _check_types_and_ranges(self)
         for method in self.qkv_method:
             if method not in QKV_METHODS:
-                raise ValueError(f"CvTConfig.qkv_method {method!r} is not one of {QKV_METHODS}")
+                raise ConfigError("qkv_method", f" {method!r} is not one of {QKV_METHODS}")
         if self.global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"CvTConfig.global_pool {self.global_pool!r} is not one of {GLOBAL_POOLS}")
+            raise ConfigError("global_pool", f" {self.global_pool!r} is not one of {GLOBAL_POOLS}")
         if self.global_pool == "token" and not self.cls_token[-1]:
-            raise ValueError("CvTConfig.global_pool='token' needs a class token in the last stage (cls_token)")
+            raise ConfigError("global_pool", "='token' needs a class token in the last stage (cls_token)")
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"CvTConfig.act {self.act!r} is not one of {ACTIVATIONS}")
+            raise ConfigError("act", f" {self.act!r} is not one of {ACTIVATIONS}")
         for i, (dim, heads) in enumerate(zip(self.dims, self.heads, strict=True)):
             if dim % heads:
-                raise ValueError(f"stage {i}: width {dim} is not divisible by {heads} heads")
+                raise _bad("heads", heads, f"stage {i}'s width {dim} is not divisible by {heads} heads", i)
+            if int(dim * self.mlp_ratio[i]) < 1:
+                raise _bad("mlp_ratio", self.mlp_ratio[i], f"gives stage {i} (width {dim}) an MLP of no units", i)
+            if self.embed_padding[i] >= self.embed_kernel[i]:
+                reason = f"stage {i}'s token embedding pads at least its kernel ({self.embed_kernel[i]})"
+                raise _bad("embed_padding", self.embed_padding[i], reason, i)
 
     @property
     def num_stages(self) -> int:
@@ -168,6 +209,76 @@ class DataConfig:
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
         check_fields(cls, data, "DataConfig")
         return cls(**data)
+
+
+class ConfigError(ValueError):
+    """A `CvTConfig` field whose value has the wrong type, length or range.
+
+    Attributes:
+        field: the field's name, so that a reader of a file can name the file's own key instead.
+        detail: the rest of the message (an index, the value and what is wrong).
+    """
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"CvTConfig.{field}{detail}")
+        self.field = field
+        self.detail = detail
+
+
+def _bad(name: str, value: Any, reason: str, index: int | None = None) -> ConfigError:
+    return ConfigError(name, f"{'' if index is None else f'[{index}]'} = {reprlib.repr(value)}: {reason}")
+
+
+def _num_stages(cfg: CvTConfig) -> int:
+    """The number of stages: the length of the first per-stage field given as a tuple."""
+    for name in ("dims", "depths", "heads"):
+        value = getattr(cfg, name)
+        if isinstance(value, (tuple, list)):
+            if not 1 <= len(value) <= MAX_STAGES:
+                raise ConfigError(name, f" has {len(value)} entries: a model has 1 to {MAX_STAGES} stages")
+            return len(value)
+    raise _bad("dims", cfg.dims, "must be a tuple with one width per stage")
+
+
+def _entries(cfg: CvTConfig, name: str) -> list[tuple[int | None, Any]]:
+    """(index, value) of each entry of a field: one per stage (or per side), or (None, value) for a scalar field."""
+    value = getattr(cfg, name)
+    return list(enumerate(value)) if name in _TUPLE_FIELDS else [(None, value)]
+
+
+def _check_types_and_ranges(cfg: CvTConfig) -> None:
+    """Every number of `cfg` against its type and range (`INT_RANGES`, `FLOAT_RANGES`), every flag a bool, every
+    name a string. An int must be an int: a string, bool or float is refused, not converted."""
+    for name, (low, high) in INT_RANGES.items():
+        for i, value in _entries(cfg, name):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise _bad(name, value, f"must be an int from {low} to {high}", i)
+            if not low <= value <= high:
+                raise _bad(name, value, f"is out of range: must be from {low} to {high}", i)
+        _normalise(cfg, name, int)
+    for name, (low, high, high_ok) in FLOAT_RANGES.items():
+        low_ok = name in _RATES
+        interval = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+        for i, value in _entries(cfg, name):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise _bad(name, value, f"must be a number in {interval}", i)
+            if not ((value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)):
+                raise _bad(name, value, f"is out of range: must be in {interval}", i)
+        _normalise(cfg, name, float)
+    for name in ("cls_token", "pos_embed", "qkv_bias"):
+        for i, value in _entries(cfg, name):
+            if not isinstance(value, bool):
+                raise _bad(name, value, "must be true or false", i)
+    for name in ("qkv_method", "act", "global_pool"):
+        for i, value in _entries(cfg, name):
+            if not isinstance(value, str) and not (name == "global_pool" and value is None):
+                raise _bad(name, value, "must be a string", i)
+
+
+def _normalise(cfg: CvTConfig, name: str, kind: type) -> None:
+    """Store a checked numeric field as plain Python `kind` (numpy ints, or a 4 for a ratio, become int/float)."""
+    values = tuple(kind(value) for _, value in _entries(cfg, name))
+    object.__setattr__(cfg, name, values if name in _TUPLE_FIELDS else values[0])
 
 
 def check_fields(cls: type, data: dict[str, Any], what: str) -> None:

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_config_fits,
+    infer_config,
+    load_state_dict_strict,
+    read_checkpoint,
+)
 from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
 from .features import CvTFeatures
 from .hub import download_weights
@@ -120,7 +127,7 @@ def build_model(
     elif ckpt.config is not None:
         cfg = ckpt.config
     else:
-        cfg, inferred_name, guessed = infer_config(ckpt.state_dict, overrides)
+        cfg, inferred_name, guessed = infer_config(ckpt.state_dict, overrides, source=ckpt.source)
         if guessed:
             logger.warning(
                 "%s does not record the attention heads; assuming 64 channels per head: heads=%s. Pass heads=... "
@@ -150,8 +157,10 @@ def build_model(
         logger.info("%s is a transformers CvtModel, without the final LayerNorm: it keeps its init", ckpt.source)
         allow_missing |= {"norm.weight", "norm.bias"}
 
+    source = f"{ckpt.source} ({ckpt.format} format)"
+    check_config_fits(cfg, state, source=source, allow_missing=allow_missing)  # before CvT(cfg) allocates
     model = CvT(cfg)
-    load_state_dict_strict(model, state, source=f"{ckpt.source} ({ckpt.format} format)", allow_missing=allow_missing)
+    load_state_dict_strict(model, state, source=source, allow_missing=allow_missing)
     model.eval()
 
     variant = match_variant(cfg)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import CvTConfig, DataConfig, PretrainedCfg
+from .shapes import check_size, conv_out_size, stage_grid
 from .timm_interface import TimmInterface
 
 
@@ -79,14 +80,6 @@ class DropPath(nn.Module):
 
 def _activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
-    """Output length of a convolution (or pooling window) along one axis; `ceil_mode` as `nn.AvgPool2d` has it."""
-    if not ceil_mode:
-        return (size + 2 * padding - kernel) // stride + 1
-    out = -(-(size + 2 * padding - kernel) // stride) + 1  # rounded up ...
-    return out - 1 if (out - 1) * stride >= size + padding else out  # ... but the last window starts in the input
 
 
 class ConvEmbed(nn.Module):
@@ -319,15 +312,6 @@ class Stage(nn.Module):
         return x[:, self.num_prefix_tokens :].unflatten(1, hw).permute(0, 3, 1, 2)  # channels-last view
 
 
-def stage_grid(cfg: CvTConfig, stage: int, input_size: tuple[int, int]) -> tuple[int, int]:
-    """Token grid of `stage` for an input of `input_size` (H, W)."""
-    h, w = input_size
-    for i in range(stage + 1):
-        k, s, p = cfg.embed_kernel[i], cfg.embed_stride[i], cfg.embed_padding[i]
-        h, w = conv_out_size(h, k, s, p), conv_out_size(w, k, s, p)
-    return h, w
-
-
 def _init_weights(module: nn.Module) -> None:
     # official "trunc_norm" init; convolutions keep PyTorch's default
     if isinstance(module, nn.Linear):
@@ -363,6 +347,7 @@ class CvT(TimmInterface, nn.Module):
 
     def __init__(self, cfg: CvTConfig) -> None:
         super().__init__()
+        check_size(cfg)  # an absurd architecture is refused before any tensor is made (CVT_MAX_PARAMS)
         self.cfg = cfg
         self.model_name: str | None = None
         self.data_config = DataConfig()

@@ -29,7 +29,7 @@ is refused before any of it runs. Building a model from a `Checkpoint` is `cvt.f
 from ..variants import imagenet_classes
 from .formats import CONFIG_FILE, HF_WEIGHT_FILES, SAVE_FORMATS, WEIGHTS_FILE, CheckpointError
 from .hf_config import config_from_hf, config_to_hf
-from .infer import infer_config
+from .infer import check_config_fits, infer_config
 from .layouts import (
     cvt_to_hf,
     cvt_to_official,
@@ -64,6 +64,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriteError",
+    "check_config_fits",
     "config_from_hf",
     "config_to_hf",
     "cvt_to_hf",

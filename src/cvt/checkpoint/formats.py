@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import CvTConfig, DataConfig
+from ..config import ConfigError, CvTConfig, DataConfig
 
 MODEL_FORMAT = "cvt"  # a folder written by `save_model`: config.json {"format": "cvt", ...} + model.safetensors
 MODEL_FORMAT_VERSION = 1
@@ -62,6 +62,8 @@ def parse_metadata(meta: dict[str, Any], where: Path, version: int) -> dict[str,
         config = CvTConfig.from_dict(meta["model_config"])
         data = meta.get("data_config")
         data_config = DataConfig.from_dict(data) if data else None
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: model_config.{err.field}{err.detail}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: bad model_config/data_config: {err}") from None
     names = meta.get("class_names")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import reprlib
 from typing import Any
 
-from ..config import CvTConfig, DataConfig
+from ..config import ConfigError, CvTConfig, DataConfig
 from .formats import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -21,53 +22,77 @@ PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 
 CONVNEXT_WARP_SIZE = 384  # ConvNextImageProcessor resizes the whole image (no crop) from this size up
 
 
+# transformers' CvtConfig key -> our CvTConfig field, for the fields both hold as one list entry per stage
+HF_PER_STAGE = {
+    "embed_dim": "dims",
+    "depth": "depths",
+    "num_heads": "heads",
+    "mlp_ratio": "mlp_ratio",
+    "patch_sizes": "embed_kernel",
+    "patch_stride": "embed_stride",
+    "patch_padding": "embed_padding",
+    "qkv_projection_method": "qkv_method",
+    "kernel_qkv": "qkv_kernel",
+    "stride_q": "stride_q",
+    "stride_kv": "stride_kv",
+    "cls_token": "cls_token",
+    "drop_path_rate": "drop_path_rate",
+}
+# and the keys read into one value
+HF_SCALARS = {
+    "qkv_bias": "qkv_bias",
+    "drop_rate": "drop_rate",
+    "attention_drop_rate": "attn_drop_rate",
+    "num_channels": "in_chans",
+    ACT_KEY: "act",
+}
+
+
 def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
-    """Our `CvTConfig` from a transformers `CvtConfig` dict (config.json).
+    """Our `CvTConfig` from a transformers `CvtConfig` dict (config.json), every value checked (`CvTConfig`).
 
     The activation stays QuickGELU, the authors' numerics (transformers computes GELU; pass `act="gelu"` to get
     what it computes), unless the folder was written by `save_model`, which records the model's ("cvt_act").
     LayerNorm eps is 1e-5: transformers' CvT never reads `layer_norm_eps` (its LayerNorms use torch's default
     1e-5), so the 1e-12 in its configs has no effect. `num_classes` comes from the weights.
+
+    Raises:
+        CheckpointError: a value of the wrong type or range, or one our model cannot compute; the message names
+            the config.json key (the caller adds the file).
     """
-
-    def uniform(key: str, default: Any) -> Any:
-        values = hf.get(key, [default])
-        values = values if isinstance(values, list) else [values]
-        if len(set(values)) > 1:
-            logger.info("Hugging Face config has per-stage %s %s; using the largest, %s", key, values, max(values))
-        return max(values)
-
-    base = CvTConfig()
-    kernels = hf.get("kernel_qkv", list(base.qkv_kernel))
+    fields = {field: hf[key] for key, field in HF_PER_STAGE.items() if key in hf}
+    for key, field in HF_SCALARS.items():  # transformers writes one entry per stage; ours is one for the model
+        values = hf.get(key)
+        if isinstance(values, list):
+            if key == "qkv_bias" and len(set(map(repr, values))) > 1:
+                raise CheckpointError(f"qkv_bias = {reprlib.repr(values)}: per-stage q/k/v bias is not supported")
+            values = _largest(key, values) if values else None
+        if values is not None:
+            fields[field] = values
+    try:
+        cfg = CvTConfig(**fields)
+    except ConfigError as err:
+        names = {field: key for key, field in {**HF_PER_STAGE, **HF_SCALARS}.items()}
+        raise CheckpointError(f"{names.get(err.field, err.field)}{err.detail}") from None
     for key in ("padding_q", "padding_kv"):
-        padding = hf.get(key, [k // 2 for k in kernels])
-        if list(padding) != [k // 2 for k in kernels]:
+        padding = hf.get(key, [k // 2 for k in cfg.qkv_kernel])
+        if padding != [k // 2 for k in cfg.qkv_kernel]:
             raise CheckpointError(
-                f"Hugging Face config {key}={padding} with kernel_qkv={kernels}: only padding kernel // 2 is supported"
+                f"{key} = {reprlib.repr(padding)} with kernel_qkv = {list(cfg.qkv_kernel)}: only padding kernel // 2 "
+                "is supported"
             )
-    qkv_bias = hf.get("qkv_bias", [True])
-    if len(set(qkv_bias)) > 1:
-        raise CheckpointError(f"Hugging Face config qkv_bias={qkv_bias}: per-stage q/k/v bias is not supported")
-    return CvTConfig(
-        dims=hf.get("embed_dim", base.dims),
-        depths=hf.get("depth", base.depths),
-        heads=hf.get("num_heads", base.heads),
-        mlp_ratio=hf.get("mlp_ratio", base.mlp_ratio),
-        embed_kernel=hf.get("patch_sizes", base.embed_kernel),
-        embed_stride=hf.get("patch_stride", base.embed_stride),
-        embed_padding=hf.get("patch_padding", base.embed_padding),
-        qkv_method=hf.get("qkv_projection_method", base.qkv_method),
-        qkv_kernel=kernels,
-        stride_q=hf.get("stride_q", base.stride_q),
-        stride_kv=hf.get("stride_kv", base.stride_kv),
-        qkv_bias=bool(qkv_bias[0]),
-        cls_token=hf.get("cls_token", base.cls_token),
-        drop_path_rate=hf.get("drop_path_rate", base.drop_path_rate),
-        drop_rate=uniform("drop_rate", 0.0),
-        attn_drop_rate=uniform("attention_drop_rate", 0.0),
-        in_chans=hf.get("num_channels", base.in_chans),
-        act=hf.get(ACT_KEY, base.act),
-    )
+    return cfg
+
+
+def _largest(key: str, values: list[Any]) -> Any:
+    """One value for a per-stage list of transformers' that our model holds once (the dropout rates): the largest."""
+    try:
+        largest = max(values)
+    except TypeError:
+        raise CheckpointError(f"{key} = {reprlib.repr(values)}: must be a list of numbers") from None
+    if any(v != largest for v in values):
+        logger.info("Hugging Face config has per-stage %s %s; using the largest, %s", key, values, largest)
+    return largest
 
 
 def config_to_hf(
@@ -110,24 +135,12 @@ def config_to_hf(
         "architectures": ["CvtForImageClassification"],
         "model_type": "cvt",
         "num_channels": cfg.in_chans,
-        "patch_sizes": list(cfg.embed_kernel),
-        "patch_stride": list(cfg.embed_stride),
-        "patch_padding": list(cfg.embed_padding),
-        "embed_dim": list(cfg.dims),
-        "num_heads": list(cfg.heads),
-        "depth": list(cfg.depths),
-        "mlp_ratio": list(cfg.mlp_ratio),
+        **{key: list(getattr(cfg, field)) for key, field in HF_PER_STAGE.items()},
         "attention_drop_rate": [cfg.attn_drop_rate] * n,
         "drop_rate": [cfg.drop_rate] * n,
-        "drop_path_rate": list(cfg.drop_path_rate),
         "qkv_bias": [cfg.qkv_bias] * n,
-        "cls_token": list(cfg.cls_token),
-        "qkv_projection_method": list(cfg.qkv_method),
-        "kernel_qkv": list(cfg.qkv_kernel),
         "padding_kv": [k // 2 for k in cfg.qkv_kernel],
-        "stride_kv": list(cfg.stride_kv),
         "padding_q": [k // 2 for k in cfg.qkv_kernel],
-        "stride_q": list(cfg.stride_q),
         "initializer_range": 0.02,
         "layer_norm_eps": cfg.norm_eps,  # not read by transformers' CvT (it uses 1e-5); recorded for people
         "id2label": {str(i): name for i, name in enumerate(names)},

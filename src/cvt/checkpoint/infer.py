@@ -1,21 +1,26 @@
-"""The architecture of a state dict that records none (the authors' files), read from its keys and shapes."""
+"""The architecture of a state dict that records none (the authors' files), read from its keys and shapes; and
+whether a state dict fits an architecture, decided from the numbers before a model is built."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from ..config import TRAINING_FIELDS, CvTConfig
+from ..shapes import check_size, iter_state_dict_shapes
 from ..variants import VARIANTS
 from .formats import CheckpointError
+from .layouts import check_fits
 
 
 def infer_config(
-    state_dict: dict[str, torch.Tensor], known: dict[str, Any] | None = None
+    state_dict: dict[str, torch.Tensor], known: dict[str, Any] | None = None, *, source: str | os.PathLike = "weights"
 ) -> tuple[CvTConfig, str | None, bool]:
     """The architecture of a state dict in our layout, read from its keys and shapes.
 
@@ -26,6 +31,7 @@ def infer_config(
     Args:
         state_dict: weights in our layout (shapes suffice: meta tensors work).
         known: `CvTConfig` fields the caller knows, taken instead of inferred (e.g. heads, qkv_method).
+        source: the file the weights come from, for messages.
 
     Returns:
         (config, registered variant name or None, whether the heads were guessed).
@@ -79,4 +85,28 @@ def infer_config(
             fields["heads"] = tuple(d // 64 if d % 64 == 0 else 1 for d in fields["dims"])
         return CvTConfig(**fields, num_classes=num_classes), None, guessed
     except ValueError as err:
-        raise CheckpointError(f"cannot build a config from the weights ({err}); pass the architecture") from None
+        raise CheckpointError(
+            f"{source}: cannot build a config from the weights ({err}); pass the architecture"
+        ) from None
+
+
+def check_config_fits(
+    cfg: CvTConfig, state_dict: dict[str, torch.Tensor], *, source: str, allow_missing: Collection[str] = ()
+) -> None:
+    """Refuse, before `CvT(cfg)` allocates anything, an architecture too large to build (`cvt.shapes.check_size`)
+    or one the weights do not fit (compared key by key with the shapes `cfg` implies).
+
+    Args:
+        cfg: the architecture the model would be built with.
+        state_dict: the weights in our layout.
+        source: the file, for messages.
+        allow_missing: keys the model may keep from its initialisation (a re-initialised head).
+
+    Raises:
+        CheckpointError: naming `source` and what does not fit.
+    """
+    try:
+        check_size(cfg)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    check_fits(iter_state_dict_shapes(cfg), state_dict, source=source, allow_missing=allow_missing)

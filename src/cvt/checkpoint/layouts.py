@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -155,27 +155,32 @@ def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def load_state_dict_strict(
-    model: nn.Module,
+def check_fits(
+    expected: Iterable[tuple[str, tuple[int, ...]]],
     state_dict: dict[str, torch.Tensor],
     *,
     source: str = "checkpoint",
     allow_missing: Collection[str] = (),
 ) -> None:
-    """Copy `state_dict` (our layout) into `model`; every key must match in name and shape.
+    """Compare the keys and shapes of `state_dict` (our layout) with what a model holds, streamed (key, shape) as
+    `cvt.shapes.iter_state_dict_shapes` gives them before the model is built; missing BatchNorm counters are fine
+    (`repair_bn_counters` fills them).
 
     Raises:
         CheckpointError: naming the first few missing, unexpected and mis-shaped keys.
     """
-    expected = model.state_dict()
-    state_dict = repair_bn_counters(state_dict, expected)
-    missing = [k for k in expected if k not in state_dict and k not in allow_missing]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [
-        f"{k} {tuple(v.shape)} (model {tuple(expected[k].shape)})"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    missing: list[str] = []
+    misshaped: list[str] = []
+    seen: set[str] = set()
+    for key, shape in expected:
+        tensor = state_dict.get(key)
+        if tensor is None:
+            if key not in allow_missing and not key.endswith(".num_batches_tracked"):
+                missing.append(key)
+        elif tuple(tensor.shape) != tuple(shape):
+            misshaped.append(f"{key} {tuple(tensor.shape)} (model {tuple(shape)})")
+        seen.add(key)
+    unexpected = [k for k in state_dict if k not in seen]
     if missing or unexpected or misshaped:
 
         def few(keys: list[str]) -> str:
@@ -186,4 +191,22 @@ def load_state_dict_strict(
             f"mis-shaped {few(misshaped)}. Pass the architecture the weights were trained with (model name or config "
             "fields), or num_classes=... to re-initialise just the head."
         )
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    source: str = "checkpoint",
+    allow_missing: Collection[str] = (),
+) -> None:
+    """Copy `state_dict` (our layout) into `model`; every key must match in name and shape (`check_fits`).
+
+    Raises:
+        CheckpointError: naming the first few missing, unexpected and mis-shaped keys.
+    """
+    expected = model.state_dict()
+    state_dict = repair_bn_counters(state_dict, expected)
+    shapes = ((k, tuple(v.shape)) for k, v in expected.items())
+    check_fits(shapes, state_dict, source=source, allow_missing=allow_missing)
     model.load_state_dict(state_dict, strict=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,17 +70,41 @@ def _read_weights_folder(folder: Path) -> dict[str, torch.Tensor]:
         index = folder / f"{name}.index.json"
         if index.is_file():
             state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
-                state.update(read_weights_file(folder / shard))
+            for shard in _shards(index):
+                state.update(read_weights_file(shard))
             return state
     raise CheckpointError(f"{folder} has a config.json but no weights ({' or '.join(HF_WEIGHT_FILES)})")
 
 
-def _from_state_dict(
-    state: Any, source: Path, meta: dict[str, Any] | None, preprocessor: dict[str, Any] | None = None
-) -> Checkpoint:
-    """Repair, detect and convert a state dict; `meta` is a config.json found with it, `preprocessor` a Hugging Face
-    preprocessor_config.json."""
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded index's "weight_map" lists, each a file of the index's own folder: an index is
+    data, and must not make the reader open any other file of the machine (an absolute path, `..`, a link out)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f'{index} has no "weight_map" object naming the shard files')
+    folder = index.parent.resolve()
+    names = set()
+    for name in weight_map.values():
+        if not isinstance(name, str):
+            raise CheckpointError(f'{index}: "weight_map" names a shard with {reprlib.repr(name)}, not a file name')
+        names.add(name)
+    shards = []
+    for name in sorted(names):
+        path = index.parent / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(folder):
+            raise CheckpointError(
+                f"{index} lists the shard {reprlib.repr(name)}, which is outside the index's folder: refused, "
+                "nothing of it was read (the shards of a model are the files next to its index)"
+            )
+        if not path.is_file():
+            raise CheckpointError(f"{index} lists the shard {reprlib.repr(name)}, which is missing from {folder}")
+        shards.append(path)
+    return shards
+
+
+def _from_state_dict(state: Any, source: Path, recorded: tuple[str, dict[str, Any]] | None) -> Checkpoint:
+    """Repair, detect and convert a state dict; `recorded` is what a config.json found with it says (`_recorded`),
+    taken when the weights are in that config's layout."""
     state = repair_compile_prefix(repair_ddp_prefix(repair_wrapper(state)))
     if not is_state_dict(state):
         raise CheckpointError(
@@ -92,17 +117,32 @@ def _from_state_dict(
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from None
     ckpt = Checkpoint(TO_CVT[layout](state), layout, source)
-    if meta is not None and meta.get("format") == MODEL_FORMAT and layout == "cvt":
-        return dataclasses.replace(ckpt, **parse_metadata(meta, source, MODEL_FORMAT_VERSION), format=MODEL_FORMAT)
-    if meta is not None and meta.get("model_type") == "cvt" and layout == "hf":
-        try:
-            config = config_from_hf(meta)
-            data_config = data_config_from_hf(meta, preprocessor)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{source}: {err}") from None
-        names, name = hf_class_names(meta), meta.get(NAME_KEY)
-        return dataclasses.replace(ckpt, config=config, data_config=data_config, class_names=names, model_name=name)
+    if recorded is not None and recorded[0] == layout:
+        return dataclasses.replace(ckpt, **recorded[1])
     return ckpt
+
+
+def _recorded(meta: dict[str, Any], config_file: Path) -> tuple[str, dict[str, Any]] | None:
+    """(layout, `Checkpoint` fields) from a config.json: ours ("cvt") or a Hugging Face CvT one ("hf"), every value
+    checked before any weights are read or any tensor is made; None for another kind of config.json.
+
+    Raises:
+        CheckpointError: a field of the wrong type or range, naming the file and the field.
+    """
+    if meta.get("format") == MODEL_FORMAT:
+        return MODEL_FORMAT, parse_metadata(meta, config_file, MODEL_FORMAT_VERSION)
+    if meta.get("model_type") != "cvt":
+        return None
+    try:
+        fields = {
+            "config": config_from_hf(meta),
+            "data_config": data_config_from_hf(meta, _preprocessor(config_file.parent)),
+            "class_names": hf_class_names(meta),
+            "model_name": meta.get(NAME_KEY),
+        }
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    return "hf", fields
 
 
 def _preprocessor(folder: Path) -> dict[str, Any] | None:
@@ -131,12 +171,13 @@ def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint
         if not config_file.is_file():
             raise CheckpointError(f"{path} is a folder without {CONFIG_FILE}: not a saved cvt or Hugging Face model")
         meta = read_json(config_file)
-        if meta.get("format") != MODEL_FORMAT and meta.get("model_type") != "cvt":
+        recorded = _recorded(meta, config_file)
+        if recorded is None:
             raise CheckpointError(
                 f'{config_file} is neither a cvt model config ("format": "cvt") nor a Hugging Face CvT config '
                 f'("model_type": "cvt"; found {meta.get("model_type")!r})'
             )
-        ckpt = _from_state_dict(_read_weights_folder(path), path, meta, _preprocessor(path))
+        ckpt = _from_state_dict(_read_weights_folder(path), path, recorded)
     else:
         obj = read_weights_file(path)
         if is_training_checkpoint(obj):
@@ -145,6 +186,5 @@ def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint
         if ema:
             raise CheckpointError(f"{path} is not a training checkpoint: it has no EMA weights")
         sidecar = path.parent / CONFIG_FILE
-        meta = read_json(sidecar) if sidecar.is_file() else None
-        ckpt = _from_state_dict(obj, path, meta, _preprocessor(path.parent))
+        ckpt = _from_state_dict(obj, path, _recorded(read_json(sidecar), sidecar) if sidecar.is_file() else None)
     return ckpt
