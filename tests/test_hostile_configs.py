@@ -229,3 +229,132 @@ def test_hostile_configs_of_our_own_formats_and_of_inferred_weights_are_refused(
     assert messages[3].startswith(f"CheckpointError: {inferred}: cannot build a config from the weights")
     assert "depths[2] = 1000000: is out of range" in messages[3]
     assert all(report[str(p)]["growth_mb"] < 2 * _size_mb(p) + 32 for p in paths), report
+
+
+# --- class 7: arguments and messages -------------------------------------------------------------------------
+
+
+def test_label_smoothing_2_fails_in_the_config_check_before_the_run_directory_is_made(tmp_path, capsys):
+    """Seen failing before the check: the config passed, the run directory and config.json were written, and the
+    first step failed."""
+    from cvt.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", "demo", "--data", str(tmp_path / "data"), "--output", str(run)]
+    assert main([*argv, "--set", "label_smoothing=2"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "cvt train: error: label_smoothing must be in [0, 1), got 2"
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("lr=0", "lr must be > 0, got 0"),
+        ("lr_per_256=-1e-3", "lr_per_256 must be > 0, got -0.001"),
+        ("momentum=1.0", "momentum must be in [0, 1), got 1.0"),
+        ("ema_decay=1.5", "ema_decay must be in [0, 1), got 1.5"),
+        ("re_prob=2", "re_prob must be in [0, 1], got 2"),
+        ("crop_pct=0", "crop_pct must be in (0, 1], got 0"),
+        ("weight_decay=-0.05", "weight_decay must be >= 0, got -0.05"),
+        ("std=(0.2,0,0.2)", "std must be > 0 each, got (0.2, 0, 0.2)"),
+        ("scale=(0.9,0.1)", "scale must be (low, high) with low <= high, got (0.9, 0.1)"),
+        ("input_size=0", "input_size must be >= 1, got 0"),
+        ("optimizer='adam'", "optimizer must be one of ('adamw', 'sgd'), got 'adam'"),
+        ("device='gpu'", "device must be one of ('auto', 'cpu', 'cuda'), got 'gpu'"),
+    ],
+)
+def test_train_settings_outside_their_natural_bounds_are_refused(setting, message):
+    from cvt.train import TrainConfig, apply_overrides
+
+    with pytest.raises(ValueError) as err:
+        apply_overrides(TrainConfig(), [setting])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "export", "attention", "train"])
+def test_device_cuda_without_cuda_is_one_line_at_parse_time(command, tmp_path, capsys, monkeypatch):
+    """Seen failing before the check: predict, eval, export and attention ended in torch's AssertionError
+    ("Torch not compiled with CUDA enabled") after loading the model; train in a RuntimeError after parsing."""
+    from cvt.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    model = str(save_model(CvT(SMALL), tmp_path / "model"))
+    argv = {
+        "predict": ["predict", "--model", model, str(tmp_path / "x.jpg")],
+        "eval": ["eval", "--model", model, "--data", str(tmp_path)],
+        "export": ["export", "--model", model, "--output", str(tmp_path / "m.onnx")],
+        "attention": ["attention", "--model", model, str(tmp_path / "x.jpg"), "--output", str(tmp_path / "a.png")],
+        "train": ["train", "--config", "demo", "--output", str(tmp_path / "run")],
+    }[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--device", "cuda"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"cvt {command}: error: --device cuda: CUDA is not available"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_names_torch_does_not_know_are_refused():
+    from cvt.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "--model", "m", "x.jpg", "--device", "gpu"])
+    args = build_parser().parse_args(["train", "--config", "demo", "--device", "auto"])  # train's own choice
+    assert args.device == "auto"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_torchscript_file_is_called_what_it_is(tmp_path):
+    """Seen failing before: "truncated or corrupt", with torch's advice to load with weights_only=False."""
+    from cvt import load_model
+    from cvt.checkpoint import CheckpointError
+
+    path = tmp_path / "model.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert message.startswith(f"{path} is a TorchScript program (written by torch.jit.save")
+    assert "weights_only" not in message and "corrupt" not in message
+
+
+def _sharded(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A Hugging Face folder whose weights are one shard listed by model.safetensors.index.json."""
+    folder = save_model(CvT(SMALL), tmp_path / "sharded", format="hf")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": dict.fromkeys(weights, "model-00001-of-00001.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder, weights
+
+
+def test_a_sharded_index_is_read_from_its_own_folder(tmp_path):
+    from cvt import load_model
+
+    folder, _ = _sharded(tmp_path)
+    original = CvT(SMALL).state_dict().keys()
+    assert load_model(folder).state_dict().keys() == original
+
+
+@pytest.mark.parametrize("escape", ["absolute", "dotdot", "symlink"])
+def test_a_sharded_index_pointing_outside_its_folder_is_refused_without_reading_the_target(tmp_path, escape):
+    """Seen failing before: the index was followed to /etc/passwd-like files and the error quoted their first bytes."""
+    from cvt import load_model
+    from cvt.checkpoint import CheckpointError
+
+    folder, weights = _sharded(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-CONTENT of a file that is not the model's\n")
+    target = {"absolute": str(secret), "dotdot": "../secret.txt", "symlink": "link.safetensors"}[escape]
+    if escape == "symlink":
+        (folder / "link.safetensors").symlink_to(secret)
+    index = {"weight_map": {**dict.fromkeys(weights, "model-00001-of-00001.safetensors"), "extra": target}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    message = str(err.value)
+    assert "which is outside the index's folder: refused, nothing of it was read" in message
+    assert "SECRET" not in message and "CONTENT" not in message

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,24 @@ def _refusal(path: Path, detail: str) -> CheckpointError | None:
     return None
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether `path` is a TorchScript archive (`torch.jit.save`): a zip like `torch.save`'s, with the program's code
+    and constants, which torch's safe loader does not read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(name.endswith("/constants.pkl") or "/code/__torch__/" in name for name in names)
+
+
+def _first_line(detail: str, default: str) -> str:
+    """The first line of a torch error, without its advice to load with `weights_only=False` (which would run the
+    file's code): never shown."""
+    line = (detail.splitlines() or [default])[0]
+    return "torch cannot read it as weights" if "weights_only" in line else line
+
+
 def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
     """The dict in a `torch.save` or safetensors file, read without running any code from it.
 
@@ -94,6 +113,11 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
             return load_file(path)
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types
             raise CheckpointError(f"cannot read {path}: {err}; the file is truncated or corrupt") from None
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript program (written by torch.jit.save, e.g. `cvt export --format torchscript`), "
+            "not a checkpoint: run it with torch.jit.load, or give the checkpoint it was exported from"
+        )
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle: refused below
@@ -104,10 +128,10 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
         if refusal is not None:
             raise refusal from None
         found = re.search(r"WeightsUnpickler error: *([^\n]+)", detail)
-        reason = found.group(1) if found else (detail.splitlines() or [type(err).__name__])[0]
+        reason = found.group(1) if found else _first_line(detail, type(err).__name__)
         raise CheckpointError(f"cannot read {path}: {reason}; the file is truncated or corrupt") from None
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zip errors, ...
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = _first_line(str(err), type(err).__name__)
         raise CheckpointError(f"cannot read {path}: {reason}; the file is truncated or corrupt") from None
     if not isinstance(obj, dict):
         raise CheckpointError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cvt.attention_map import class_token_attention, denormalize, plot_attention, top_predictions
+from cvt.cli.usage import DeviceAction
 from cvt.data import create_eval_transform, load_image
 from cvt.factory import resolve_model
 
@@ -15,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMAGE", help="image file")
     p.add_argument("--output", required=True, help="figure to write (.png)")
     p.add_argument("--topk", type=int, default=3, help="predictions shown in the title (default 3)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", action=DeviceAction, default="cpu", help="cpu or cuda")
     p.set_defaults(func=run)
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from cvt.cli.usage import add_json_option
+from cvt.cli.usage import DeviceAction, add_json_option
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
 from cvt.inference import BACKENDS
@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="runs/eval", help="folder for eval.json and confusion.png (default runs/eval)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", action=DeviceAction, default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto (default: "

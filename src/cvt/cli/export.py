@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.cli.usage import UsageError
+from cvt.cli.usage import DeviceAction, UsageError
 from cvt.export import DEFAULT_OPSET, FORMATS, export
 from cvt.factory import resolve_model
 
@@ -31,6 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument(
         "--device",
+        action=DeviceAction,
         default="cpu",
         help="device the model is loaded on and its PyTorch reference computed (the file is device-free)",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cvt.cli.usage import add_json_option
+from cvt.cli.usage import DeviceAction, add_json_option
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
 from cvt.inference import BACKENDS
@@ -19,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=5, help="labels per image (default 5)")
     add_json_option(p, "the predictions")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", action=DeviceAction, default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto (default: "

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from cvt.cli.usage import UsageError
+from cvt.cli.usage import DeviceAction, UsageError
 from cvt.train import (
     PREEMPTED_EXIT_CODE,
     TrainConfig,
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="resume from a checkpoint or run directory (default: OUTPUT/last.pt); without --config the "
                    "run's own config is used")  # fmt: skip
     p.add_argument("--output", help="run directory (overrides the config's `output`)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), action=DeviceAction, default=None,
                    help="where to train (overrides the config's `device`; auto: CUDA when available)")  # fmt: skip
     p.set_defaults(func=run)
 

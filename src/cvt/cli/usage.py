@@ -1,6 +1,7 @@
 """Command-line usage helpers: `UsageError` (arguments found not to work together after parsing: exit code 2, as
-argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it) and
-`add_json_option` (the one `--json [FILE]` of the commands that report results)."""
+argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it),
+`add_json_option` (the one `--json [FILE]` of the commands that report results) and `DeviceAction` (the one check of
+every `--device`: a device this machine has, refused at parse time otherwise)."""
 
 from __future__ import annotations
 
@@ -41,4 +42,40 @@ class DeprecatedAlias(argparse.Action):
         if option_string == self.old:
             new = next(s for s in self.option_strings if s != self.old)
             print(f"{parser.prog}: {self.old} is deprecated here, use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _device_problem(value: str) -> str | None:
+    """Why `value` is no device this process can use, or None when it is one."""
+    import torch  # here, not at import time: `cvt --help` stays light
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        return "not a device; use cpu or cuda (cuda:N for one GPU)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                return f"CUDA is not available: this torch ({torch.__version__}) is built without it; use cpu"
+            return f"CUDA is not available: no GPU is visible to this torch ({torch.__version__}); use cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"there is no GPU {device.index}: {torch.cuda.device_count()} visible (cuda:0 to cuda:N-1)"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine; use cpu"
+    elif device.type not in ("cpu", "mps"):
+        return f"{device.type!r} devices are not supported here; use cpu or cuda"
+    return None
+
+
+class DeviceAction(argparse.Action):
+    """`--device`: a device this machine has (cpu, cuda, cuda:N, mps; `auto` where the command allows it, with
+    `choices`), checked at parse time: "--device cuda: CUDA is not available ..." and exit 2, never a traceback from
+    deep inside torch later. Use: `p.add_argument("--device", action=DeviceAction, default="cpu", help=...)`.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        problem = None if values in (self.choices or ()) and values == "auto" else _device_problem(values)
+        if problem:
+            parser.error(f"{option_string} {values}: {problem}")
         setattr(namespace, self.dest, values)

@@ -150,8 +150,6 @@ class TrainConfig:
             if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
         check_fields(self)
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"TrainConfig.amp {self.amp!r} is not one of {AMP_MODES}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""
@@ -175,13 +173,51 @@ class TrainConfig:
         )
 
 
-AT_LEAST = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "num_workers": 0, "eval_batch_size": 1,
-            "max_steps": 1, "save_every_steps": 1, "num_threads": 1, "warmup_epochs": 0}  # fmt: skip
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric field may take: `low` and `high` (None: unbounded), each inclusive unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        low = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return low and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Bound(0), Bound(1), Bound(0, low_open=True)
+PROBABILITY, FRACTION, RATE = Bound(0, 1), Bound(0, 1, low_open=True), Bound(0, 1, high_open=True)
+# the natural bounds of the numeric fields (each entry of a tuple), checked with the types; None passes
+BOUNDS = {
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "accum_steps": AT_LEAST_1, "eval_batch_size": AT_LEAST_1,
+    "max_steps": AT_LEAST_1, "save_every_steps": AT_LEAST_1, "num_threads": AT_LEAST_1, "input_size": AT_LEAST_1,
+    "num_workers": AT_LEAST_0, "warmup_epochs": AT_LEAST_0, "warmup_lr": AT_LEAST_0, "min_lr": AT_LEAST_0,
+    "weight_decay": AT_LEAST_0, "color_jitter": AT_LEAST_0, "mixup_alpha": AT_LEAST_0, "cutmix_alpha": AT_LEAST_0,
+    "lr": POSITIVE, "lr_per_256": POSITIVE, "clip_grad": POSITIVE, "std": POSITIVE, "ratio": POSITIVE,
+    "hflip": PROBABILITY, "re_prob": PROBABILITY, "mixup_prob": PROBABILITY, "mixup_switch_prob": PROBABILITY,
+    "crop_pct": FRACTION, "scale": FRACTION, "layer_decay": FRACTION,
+    "label_smoothing": RATE, "momentum": RATE, "ema_decay": RATE,
+}  # fmt: skip
+CHOICES = {
+    "amp": AMP_MODES,
+    "optimizer": ("adamw", "sgd"),
+    "sched_unit": ("epoch", "step"),
+    "crop_mode": ("center", "squash"),
+    "device": ("auto", "cpu", "cuda"),
+}
 
 
 def check_fields(cfg: TrainConfig) -> None:
-    """Every field's value against its type (and the bounds of `AT_LEAST`; numbers finite), so that a wrong
-    `--set` fails at once, before anything is created: "epochs must be an int, got 'one'"."""
+    """Every field's value against its type, its bounds (`BOUNDS`; numbers finite) and its choices (`CHOICES`), so
+    that a wrong `--set` fails at once, before anything is created: "epochs must be an int, got 'one'",
+    "label_smoothing must be in [0, 1), got 2"."""
     hints = _field_types()
     for f in dataclasses.fields(cfg):
         value, hint = getattr(cfg, f.name), hints[f.name]
@@ -190,8 +226,15 @@ def check_fields(cfg: TrainConfig) -> None:
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-        if f.name in AT_LEAST and value is not None and value < AT_LEAST[f.name]:
-            raise ValueError(f"{f.name} must be >= {AT_LEAST[f.name]}, got {value!r}")
+        bound = BOUNDS.get(f.name)
+        if bound is not None and value is not None and not all(v in bound for v in numbers):
+            raise ValueError(f"{f.name} must be {bound}{' each' if isinstance(value, tuple) else ''}, got {value!r}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{f.name} must be one of {CHOICES[f.name]}, got {value!r}")
+    for name in ("scale", "ratio"):
+        pair = getattr(cfg, name)
+        if pair is not None and pair[0] > pair[1]:
+            raise ValueError(f"{name} must be (low, high) with low <= high, got {pair!r}")
 
 
 @functools.cache
