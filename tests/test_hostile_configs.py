@@ -358,3 +358,21 @@ def test_a_sharded_index_pointing_outside_its_folder_is_refused_without_reading_
     message = str(err.value)
     assert "which is outside the index's folder: refused, nothing of it was read" in message
     assert "SECRET" not in message and "CONTENT" not in message
+
+
+def test_a_data_config_asking_for_huge_inputs_is_refused_when_read(tmp_path):
+    """Seen failing before the check: the folder loaded, and its 100000 x 100000 input size would have been
+    allocated by the first image transform."""
+    from cvt import load_model
+    from cvt.checkpoint import CheckpointError
+
+    folder = save_model(CvT(SMALL), tmp_path / "ours")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["data_config"] = {**meta["data_config"], "input_size": [100000, 100000]}
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        load_model(folder)
+    assert str(err.value) == (
+        f"{folder / 'config.json'}: data_config.input_size = (100000, 100000): must be (height, width), ints from 1 "
+        "to 8192"
+    )

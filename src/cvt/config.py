@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import reprlib
@@ -33,6 +34,7 @@ _PER_STAGE = (
     "drop_path_rate",
 )
 MAX_STAGES = 16
+MAX_INPUT_SIZE = 8192  # pixels per side of an evaluation input; a larger one in a file is a mistake or an attack
 # The integers a sane architecture holds, (smallest, largest) per entry: far beyond every released model (CvT-W24:
 # width 1024, 20 blocks, kernel 7) and beyond what any real one needs, so that a mistyped or hostile file is refused
 # by its numbers before anything is allocated. What these bounds still allow is capped by the parameter count
@@ -195,10 +197,24 @@ class DataConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
+        bad = functools.partial(_bad, owner="DataConfig")
         size = self.input_size
-        object.__setattr__(self, "input_size", tuple(size) if isinstance(size, (tuple, list)) else (size, size))
-        object.__setattr__(self, "mean", tuple(self.mean))
-        object.__setattr__(self, "std", tuple(self.std))
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if len(size) != 2 or not all(_is_int(v) and 1 <= v <= MAX_INPUT_SIZE for v in size):
+            raise bad("input_size", size, f"must be (height, width), ints from 1 to {MAX_INPUT_SIZE}")
+        object.__setattr__(self, "input_size", tuple(map(int, size)))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if not 1 <= len(value) <= INT_RANGES["in_chans"][1] or not all(map(_is_number, value)):
+                raise bad(name, value, "must be one number per input channel")
+            object.__setattr__(self, name, tuple(map(float, value)))
+        if not all(v > 0 for v in self.std):
+            raise bad("std", self.std, "must be > 0 (it divides)")
+        if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
+            raise bad("crop_pct", self.crop_pct, "must be a number in (0, 1]")
+        if not isinstance(self.interpolation, str):
+            raise bad("interpolation", self.interpolation, "must be a name such as 'bicubic'")
         if self.crop_mode not in ("center", "squash"):
             raise ValueError(f"DataConfig.crop_mode {self.crop_mode!r} is not 'center' or 'squash'")
 
@@ -219,14 +235,23 @@ class ConfigError(ValueError):
         detail: the rest of the message (an index, the value and what is wrong).
     """
 
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"CvTConfig.{field}{detail}")
+    def __init__(self, field: str, detail: str, owner: str = "CvTConfig") -> None:
+        super().__init__(f"{owner}.{field}{detail}")
         self.field = field
         self.detail = detail
+        self.owner = owner
 
 
-def _bad(name: str, value: Any, reason: str, index: int | None = None) -> ConfigError:
-    return ConfigError(name, f"{'' if index is None else f'[{index}]'} = {reprlib.repr(value)}: {reason}")
+def _bad(name: str, value: Any, reason: str, index: int | None = None, owner: str = "CvTConfig") -> ConfigError:
+    return ConfigError(name, f"{'' if index is None else f'[{index}]'} = {reprlib.repr(value)}: {reason}", owner)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _num_stages(cfg: CvTConfig) -> int:
@@ -251,7 +276,7 @@ def _check_types_and_ranges(cfg: CvTConfig) -> None:
     name a string. An int must be an int: a string, bool or float is refused, not converted."""
     for name, (low, high) in INT_RANGES.items():
         for i, value in _entries(cfg, name):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            if not _is_int(value):
                 raise _bad(name, value, f"must be an int from {low} to {high}", i)
             if not low <= value <= high:
                 raise _bad(name, value, f"is out of range: must be from {low} to {high}", i)
@@ -260,7 +285,7 @@ def _check_types_and_ranges(cfg: CvTConfig) -> None:
         low_ok = name in _RATES
         interval = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
         for i, value in _entries(cfg, name):
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            if not _is_number(value):
                 raise _bad(name, value, f"must be a number in {interval}", i)
             if not ((value >= low if low_ok else value > low) and (value <= high if high_ok else value < high)):
                 raise _bad(name, value, f"is out of range: must be in {interval}", i)

@@ -63,7 +63,8 @@ def parse_metadata(meta: dict[str, Any], where: Path, version: int) -> dict[str,
         data = meta.get("data_config")
         data_config = DataConfig.from_dict(data) if data else None
     except ConfigError as err:
-        raise CheckpointError(f"{where}: model_config.{err.field}{err.detail}") from None
+        key = "model_config" if err.owner == "CvTConfig" else "data_config"
+        raise CheckpointError(f"{where}: {key}.{err.field}{err.detail}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: bad model_config/data_config: {err}") from None
     names = meta.get("class_names")
