@@ -262,6 +262,11 @@ def test_label_smoothing_2_fails_in_the_config_check_before_the_run_directory_is
         ("input_size=0", "input_size must be >= 1, got 0"),
         ("optimizer='adam'", "optimizer must be one of ('adamw', 'sgd'), got 'adam'"),
         ("device='gpu'", "device must be one of ('auto', 'cpu', 'cuda'), got 'gpu'"),
+        (
+            "model_kwargs.depths=[1,2,1000000]",
+            "model_kwargs.depths[2] = 1000000: is out of range: must be from 1 to 1024",
+        ),
+        ("model_kwargs.heads=[1,0,6]", "model_kwargs.heads[1] = 0: is out of range: must be from 1 to 65536"),
     ],
 )
 def test_train_settings_outside_their_natural_bounds_are_refused(setting, message):

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig
+from ..config import ConfigError, CvTConfig, DataConfig
+from ..config import check_fields as check_dataclass_fields
+from ..shapes import check_size
+from ..variants import model_config
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -235,6 +238,19 @@ def check_fields(cfg: TrainConfig) -> None:
         pair = getattr(cfg, name)
         if pair is not None and pair[0] > pair[1]:
             raise ValueError(f"{name} must be (low, high) with low <= high, got {pair!r}")
+    _check_model(cfg)
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    """`model_kwargs` against `CvTConfig`: field names always; for a model trained from scratch, also the values and
+    the size (`cvt.shapes.check_size`), so that `--set model_kwargs.depths=[1,2,10**6]` fails with the settings."""
+    if cfg.init is not None:  # the architecture is the checkpoint's, known once it is read
+        check_dataclass_fields(CvTConfig, cfg.model_kwargs, "CvTConfig")
+        return
+    try:
+        check_size(model_config(cfg.model, **cfg.model_kwargs))
+    except ConfigError as err:
+        raise ValueError(f"model_kwargs.{err.field}{err.detail}") from None
 
 
 @functools.cache
