@@ -39,13 +39,13 @@ def infer_config(
     known = {k: v for k, v in (known or {}).items() if k not in (*TRAINING_FIELDS, "act")}
     stages = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"stages\.(\d+)\.", k))})
     if not stages or stages != list(range(len(stages))):
-        raise CheckpointError(f"cannot tell the stages of the model from keys {list(state_dict)[:5]}")
+        raise CheckpointError(f"{source}: cannot tell the stages of the model from keys {list(state_dict)[:5]}")
     fields: dict[str, Any] = {f: [] for f in ("dims", "depths", "embed_kernel", "mlp_ratio", "qkv_kernel")}
     fields.update(qkv_method=[], cls_token=[])
     for i in stages:
         proj = state_dict.get(f"stages.{i}.patch_embed.proj.weight")
         if proj is None or proj.ndim != 4:
-            raise CheckpointError(f"stages.{i}.patch_embed.proj.weight is missing or not a conv weight")
+            raise CheckpointError(f"{source}: stages.{i}.patch_embed.proj.weight is missing or not a conv weight")
         dim = proj.shape[0]
         fields["dims"].append(dim)
         fields["embed_kernel"].append(proj.shape[-1])
@@ -58,15 +58,15 @@ def infer_config(
         conv = state_dict.get(f"stages.{i}.blocks.0.attn.conv_proj_q.conv.weight")
         if conv is None and blocks and "qkv_method" not in known:
             raise CheckpointError(
-                f"stage {i} has no convolutional projection weights: 'avg' and 'linear' cannot be told apart from "
-                "the weights; pass the architecture (a model name, or qkv_method=...)"
+                f"{source}: stage {i} has no convolutional projection weights: 'avg' and 'linear' cannot be told "
+                "apart from the weights; pass the architecture (a model name, or qkv_method=...)"
             )
         fields["qkv_method"].append("dw_bn")
         fields["qkv_kernel"].append(conv.shape[-1] if conv is not None else 3)
         fields["cls_token"].append(f"stages.{i}.cls_token" in state_dict)
         if f"stages.{i}.pos_embed" in state_dict and not {"pos_embed", "pos_embed_size"} <= set(known):
             raise CheckpointError(
-                "the weights have position embeddings, whose input size is not in the weights; "
+                f"{source}: the weights have position embeddings, whose input size is not in the weights; "
                 "pass the architecture (pos_embed=..., pos_embed_size=...)"
             )
     fields["qkv_bias"] = any(k.endswith(".attn.proj_q.bias") for k in state_dict) or not any(
