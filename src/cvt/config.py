@@ -70,7 +70,8 @@ class CvTConfig:
     """Architecture of a CvT model. Defaults are CvT-13 as the authors released it.
 
     Per-stage fields are tuples with one entry per stage; a scalar is broadcast to every stage, so
-    `CvTConfig(qkv_method="linear")` switches all stages at once.
+    `CvTConfig(qkv_method="linear")` switches all stages at once. Every value is checked on construction (type,
+    `INT_RANGES`, `FLOAT_RANGES`, widths divisible by the heads): a `ConfigError` names the field and the value.
 
     Attributes:
         dims: embedding width per stage.
@@ -228,11 +229,12 @@ class DataConfig:
 
 
 class ConfigError(ValueError):
-    """A `CvTConfig` field whose value has the wrong type, length or range.
+    """A `CvTConfig` or `DataConfig` field whose value has the wrong type, length or range.
 
     Attributes:
         field: the field's name, so that a reader of a file can name the file's own key instead.
         detail: the rest of the message (an index, the value and what is wrong).
+        owner: "CvTConfig" or "DataConfig".
     """
 
     def __init__(self, field: str, detail: str, owner: str = "CvTConfig") -> None:

@@ -16,14 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    check_config_fits,
-    infer_config,
-    load_state_dict_strict,
-    read_checkpoint,
-)
+from .checkpoint import Checkpoint, CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
+from .checkpoint.infer import check_config_fits
 from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
 from .features import CvTFeatures
 from .hub import download_weights

@@ -38,7 +38,7 @@ HF_PER_STAGE = {
     "cls_token": "cls_token",
     "drop_path_rate": "drop_path_rate",
 }
-# and the keys read into one value
+# and the keys read into one value of ours (transformers lists the rates and qkv_bias per stage)
 HF_SCALARS = {
     "qkv_bias": "qkv_bias",
     "drop_rate": "drop_rate",
@@ -61,7 +61,7 @@ def config_from_hf(hf: dict[str, Any]) -> CvTConfig:
             the config.json key (the caller adds the file).
     """
     fields = {field: hf[key] for key, field in HF_PER_STAGE.items() if key in hf}
-    for key, field in HF_SCALARS.items():  # transformers writes one entry per stage; ours is one for the model
+    for key, field in HF_SCALARS.items():
         values = hf.get(key)
         if isinstance(values, list):
             if key == "qkv_bias" and len(set(map(repr, values))) > 1:
