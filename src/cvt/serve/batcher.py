@@ -62,6 +62,7 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
         self._held: _Item | None = None  # taken from the queue but did not fit the last batch: first in the next
+        self._forming: list[_Item] = []  # the batch being gathered
         self._waiting = 0  # requests submitted and not yet running: in the queue, held, or in a forming batch
         self._task: asyncio.Task | None = None
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
@@ -83,7 +84,7 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        pending = [self._held] if self._held else []
+        pending = self._forming + ([self._held] if self._held else [])
         while self._queue is not None and not self._queue.empty():
             pending.append(self._queue.get_nowait())
         _fail(pending, RuntimeError("the server is shutting down"))
@@ -114,7 +115,8 @@ class DynamicBatcher:
         """Wait for a request, then gather more until the batch is full or the delay has passed."""
         first = self._held or await self._queue.get()
         self._held = None
-        batch, size = [first], first.images.shape[0]
+        batch = self._forming = [first]  # kept on self: stop() fails it when it comes while the batch gathers
+        size = first.images.shape[0]
         deadline = time.perf_counter() + self.max_delay
         while size < self.max_batch:
             try:
@@ -133,6 +135,7 @@ class DynamicBatcher:
             batch.append(item)
             size += item.images.shape[0]
         self._waiting -= len(batch)
+        self._forming = []
         return [item for item in batch if not item.future.done()]  # callers that stopped waiting are dropped
 
     async def _loop(self) -> None:
