@@ -11,6 +11,7 @@ import gzip
 import http.client
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -80,7 +81,10 @@ class Server:
         self.port = free_port()
         cmd = [sys.executable, "-m", "cvt", "serve", "--model", str(model_dir), "--name", NAME, "--backend", "torch"]
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop(); a full pipe would stall the server
-        self.proc = subprocess.Popen([*cmd, "--port", str(self.port), *options], stdout=self.log, stderr=self.log)
+        env = os.environ | {"OMP_NUM_THREADS": "1"}  # a tiny model: a second thread only waits on a busy machine
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", str(self.port), *options], stdout=self.log, stderr=self.log, env=env
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -142,6 +146,7 @@ def test_triton_client_reads_metadata_and_infers_the_models_logits(server, files
     meta = client.get_model_metadata(NAME)
     assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 3, 64, 64]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, len(CLASSES)]}]
+    assert client.get_model_metadata(NAME, model_version="1") == meta and client.is_model_ready(NAME, "1")
     x = torch.cat([model_inputs(reference, photos), torch.randn(1, 3, 64, 64)])
     with torch.no_grad():
         expected = reference(x).numpy()
@@ -149,7 +154,7 @@ def test_triton_client_reads_metadata_and_infers_the_models_logits(server, files
         images = triton.InferInput("images", list(x.shape), "FP32")
         images.set_data_from_numpy(x.numpy(), binary_data=binary)
         outputs = [triton.InferRequestedOutput("logits", binary_data=binary)]
-        result = client.infer(NAME, [images], outputs=outputs)
+        result = client.infer(NAME, [images], outputs=outputs, model_version="1" if binary else "")
         np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
         assert ("parameters" in result.get_output("logits")) == binary
 
@@ -373,3 +378,12 @@ def test_page_in_headless_chromium_shows_the_top_5_and_the_attention_map(server,
     assert shown == [p["label"] for p in json.loads(body)]
     assert status == f"{photo.name}: {shown[0]}"
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--max-batch", "0", "--max-batch must be at least 1"), ("--timeout", "-1", "--timeout must be positive")],
+)
+def test_bad_options_are_usage_errors(option, value, message, capsys):
+    assert main(["serve", "--model", "nowhere", option, value]) == 2
+    assert message in capsys.readouterr().err

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..data.decode import UnreadableImageError
-from .batcher import DynamicBatcher, QueueFullError
+from .batcher import BatcherStoppedError, DynamicBatcher, QueueFullError
 from .metrics import ServeMetrics
 from .page import render_page
 from .protocol import HEADER_LENGTH, InferRequest, ProtocolError, Tensor, classification, encode_infer_response
@@ -75,15 +75,18 @@ class ServeError(Exception):
 
 
 def _endpoint(route: str) -> Callable:
-    """Wrap a handler: `ServeError` and bad input become JSON errors, anything else a logged 500; every answer
-    is counted under `route` in the metrics."""
+    """Wrap a handler: `ServeError` becomes its JSON error, a handler past the request timeout 504 (reading the
+    body, decoding, waiting for the model: all of it), anything else a logged 500; every answer is counted under
+    `route` in the metrics."""
 
     def wrap(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(handler)
         async def run(request: Request) -> Response:
-            start = time.perf_counter()
+            start, timeout = time.perf_counter(), request.app.state.settings.timeout_s
             try:
-                response = await handler(request)
+                response = await asyncio.wait_for(handler(request), timeout)
+            except asyncio.TimeoutError:  # noqa: UP041 - a distinct class on Python 3.10
+                response = JSONResponse({"error": f"no answer within the server's timeout of {timeout:g} s"}, 504)
             except ServeError as err:
                 response = JSONResponse({"error": err.reason}, err.status, headers=err.headers)
             except Exception:
@@ -102,7 +105,7 @@ async def read_body(request: Request) -> bytes:
     it passes it (chunked), and inflated when Content-Encoding is gzip or deflate (within the same limit)."""
     limit = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServeError(413, f"the body of {declared} bytes is above the server's limit of {limit} (--max-body-mb)")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -127,14 +130,13 @@ async def read_body(request: Request) -> bytes:
 
 
 async def _run_model(request: Request, images: torch.Tensor) -> torch.Tensor:
-    """Logits for `images` (N, 3, H, W) through the batcher, within the request timeout."""
-    state = request.app.state
+    """Logits for `images` (N, 3, H, W) through the batcher."""
     try:
-        return await asyncio.wait_for(state.batcher.submit(images), state.settings.timeout_s)
+        return await request.app.state.batcher.submit(images)
     except QueueFullError as err:
         raise ServeError(503, f"the server is busy ({err}); retry shortly", {"Retry-After": "1"}) from None
-    except asyncio.TimeoutError:  # noqa: UP041 - a distinct class on Python 3.10
-        raise ServeError(504, f"no answer within the server's timeout of {state.settings.timeout_s:g} s") from None
+    except BatcherStoppedError as err:
+        raise ServeError(503, str(err)) from None
     except ValueError as err:
         raise ServeError(400, str(err)) from None
 

@@ -27,6 +27,10 @@ class QueueFullError(RuntimeError):
     """The batcher's queue holds `max_queue` requests already: try again later."""
 
 
+class BatcherStoppedError(RuntimeError):
+    """The batcher stopped (the server is shutting down) before the request ran."""
+
+
 @dataclass
 class _Item:
     images: torch.Tensor  # (n, 3, H, W)
@@ -87,7 +91,7 @@ class DynamicBatcher:
         pending = self._forming + ([self._held] if self._held else [])
         while self._queue is not None and not self._queue.empty():
             pending.append(self._queue.get_nowait())
-        _fail(pending, RuntimeError("the server is shutting down"))
+        _fail(pending, BatcherStoppedError("the server is shutting down"))
         if self._worker is not None:
             self._worker.shutdown(wait=True)
 
@@ -149,7 +153,7 @@ class DynamicBatcher:
             try:
                 outputs = await loop.run_in_executor(self._worker, self.run, images)
             except asyncio.CancelledError:
-                _fail(batch, RuntimeError("the server is shutting down"))
+                _fail(batch, BatcherStoppedError("the server is shutting down"))
                 raise
             except Exception as err:  # the model failed: every request of the batch hears why, the loop goes on
                 logger.exception("the model failed on a batch of %d images", images.shape[0])
