@@ -6,7 +6,8 @@
 Loopback only (127.0.0.1). Each client holds one connection and posts a real photo (scikit-learn's two sample
 images, JPEG) to `/predict`, one request after another, so the server decodes, batches and runs the model as it
 would for real clients. "batching" serves with `--max-batch 16 --max-delay-ms 10`, "batch of one" with
-`--max-batch 1 --max-delay-ms 0`. `cvt predict` classifies the same photos as files (`--batch-size 16`); its row
+`--max-batch 1 --max-delay-ms 0`; both servers run side by side and their cells alternate, so that a drifting load
+on a shared machine favours neither. `cvt predict` classifies the same photos as files (`--batch-size 16`); its row
 gives the images per second of the batch work alone (the wall time of the run on all the images minus that of a run
 on two, which is the start-up and model load) and, in the latency columns, nothing. Bounded: a fixed number of
 requests per cell and `--max-seconds` per cell; requests not sent in time are reported.
@@ -147,6 +148,14 @@ def load(port: int, images: list[bytes], clients: int, requests: int, max_second
     }
 
 
+def cell(server: Server, images: list[bytes], clients: int, requests: int, max_seconds: float) -> dict:
+    """One row of the table: `load`, and the mean batch size the server ran meanwhile."""
+    runs, count = server.batches()
+    result = load(server.port, images, clients, requests, max_seconds)
+    runs_after, count_after = server.batches()
+    return result | {"batch": (count_after - count) / max(runs_after - runs, 1)}
+
+
 def predict_rate(model_dir: Path, photos: list[Path], backend: str, env: dict[str, str]) -> float:
     """Images per second of `cvt predict --batch-size 16` on `photos`, start-up and model load subtracted."""
 
@@ -177,20 +186,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, photos = write_inputs(Path(tmp), args.model, max(args.requests))
         images = [p.read_bytes() for p in photos[:2]]
-        rows = []
-        for mode, options in MODES.items():
-            server = Server(model_dir, args.backend, options, env)
-            try:
-                load(server.port, images, 2, 4, args.max_seconds)  # warm-up: first calls set things up
-                for clients, requests in zip(args.clients, args.requests, strict=True):
-                    runs, count = server.batches()
-                    result = load(server.port, images, clients, requests, args.max_seconds)
-                    runs_after, count_after = server.batches()
-                    result["batch"] = (count_after - count) / max(runs_after - runs, 1)
-                    rows.append((mode, clients, result))
+        servers = {}
+        try:
+            for mode, options in MODES.items():  # both up at once, the cells interleaved: the load of a shared
+                servers[mode] = Server(model_dir, args.backend, options, env)  # machine drifts over minutes
+                load(servers[mode].port, images, 2, 4, args.max_seconds)  # warm-up: first calls set things up
+            rows = []
+            for level, (clients, requests) in enumerate(zip(args.clients, args.requests, strict=True)):
+                for mode in list(MODES)[:: 1 if level % 2 == 0 else -1]:  # which runs first alternates
+                    rows.append((mode, clients, cell(servers[mode], images, clients, requests, args.max_seconds)))
                     print(f"  {mode}, {clients} clients: {rows[-1][2]}", flush=True)
-            finally:
+        finally:
+            for server in servers.values():
                 server.stop()
+        rows.sort(key=lambda row: list(MODES).index(row[0]))
         per_s = predict_rate(model_dir, photos, args.backend, env)
     print("\n| serving | clients | requests ok / failed / not sent | mean batch | images/s | p50 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|")

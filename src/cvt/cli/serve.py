@@ -21,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="the name clients use in /v2/models/NAME (default: the model's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="images per model run at most; 1 turns batching off")
+    p.add_argument("--max-batch", type=int, default=8, help="images per model run (default 8); 1: no batching")
     p.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="how long the first request of a batch waits for others (default 5)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default 64)")
