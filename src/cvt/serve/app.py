@@ -170,22 +170,26 @@ def _model(request: Request) -> ServedModel:
 
 @_endpoint("/v2/health/live")
 async def live(request: Request) -> Response:
+    """Server liveness: the process answers."""
     return JSONResponse({"live": True})
 
 
 @_endpoint("/v2/health/ready")
 async def ready(request: Request) -> Response:
+    """Server readiness: 200 while the batcher runs (after start-up, before shutdown), else 503."""
     is_ready = request.app.state.ready
     return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
 
 
 @_endpoint("/v2")
 async def server_metadata(request: Request) -> Response:
+    """Server metadata: name, version and the protocol extensions it speaks."""
     return JSONResponse({"name": "cvt", "version": __version__, "extensions": ["binary_tensor_data", "classification"]})
 
 
 @_endpoint("/v2/models/{name}")
 async def model_metadata(request: Request) -> Response:
+    """Model metadata: its input and output tensors with datatype and shape."""
     model = _model(request)
     return JSONResponse(
         {
@@ -200,6 +204,7 @@ async def model_metadata(request: Request) -> Response:
 
 @_endpoint("/v2/models/{name}/ready")
 async def model_ready(request: Request) -> Response:
+    """Model readiness (the one model is ready when the server is)."""
     _model(request)
     is_ready = request.app.state.ready
     return JSONResponse({"ready": is_ready}, 200 if is_ready else 503)
@@ -257,6 +262,7 @@ def _outputs(model: ServedModel, request: InferRequest, logits: torch.Tensor) ->
 
 @_endpoint("/v2/models/{name}/infer")
 async def infer(request: Request) -> Response:
+    """The protocol's infer: images in (FP32 or encoded BYTES, JSON or binary), logits (and top-k) out."""
     model = _model(request)
     body = await read_body(request)
     try:
@@ -296,6 +302,7 @@ async def _image_from(request: Request) -> bytes:
 
 @_endpoint("/predict")
 async def predict(request: Request) -> Response:
+    """An image -> its top_k classes as [{"label", "score"}] (transformers' image-classification format)."""
     model = request.app.state.model
     raw = request.query_params.get("top_k", "5")
     if not raw.isdigit() or int(raw) < 1:
@@ -307,6 +314,7 @@ async def predict(request: Request) -> Response:
 
 @_endpoint("/attention")
 async def attention(request: Request) -> Response:
+    """An image -> PNG of the class token's last-block attention (mean of heads) over it."""
     model = request.app.state.model
     image = await _image_from(request)
     try:
@@ -318,11 +326,13 @@ async def attention(request: Request) -> Response:
 
 @_endpoint("/")
 async def page(request: Request) -> Response:
+    """The web page."""
     return HTMLResponse(request.app.state.page)
 
 
 @_endpoint("/metrics")
 async def metrics(request: Request) -> Response:
+    """The Prometheus metrics."""
     state = request.app.state
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
