@@ -166,7 +166,7 @@ def test_triton_client_sends_encoded_images_and_gets_top_k(server, files):
         expected = reference(model_inputs(reference, photos))
     images = triton.InferInput("images", [len(photos)], "BYTES")  # as OpenVINO Model Server takes images
     images.set_data_from_numpy(np.array([p.read_bytes() for p in photos], dtype=np.object_))
-    result = client.infer(NAME, [images], parameters={"top_k": 3})
+    result = client.infer(NAME, [images], parameters={"top_k": 3}, request_compression_algorithm="gzip")
     np.testing.assert_allclose(result.as_numpy("logits"), expected.numpy(), rtol=1e-4, atol=1e-5)
     top = expected.softmax(-1).topk(3)
     labels = [[CLASSES[i] for i in row] for row in top.indices.tolist()]
