@@ -94,7 +94,8 @@ class Server:
                 if request(self.port, "GET", "/v2/health/ready")[0] == 200:
                     return
             except OSError:
-                time.sleep(0.2)
+                pass  # not listening yet
+            time.sleep(0.2)
         self.stop()
         raise TimeoutError("cvt serve was not ready within 120 s")
 
