@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cvt
-from cvt.attention_map import class_token_attention, key_grid, plot_attention, top_predictions
+from cvt.attention_map import attention_overlay, class_token_attention, key_grid, plot_attention, top_predictions
 from cvt.checkpoint import save_model
 from cvt.cli import main
 
@@ -128,3 +128,15 @@ def test_cli_writes_overlay(model, tmp_path, capsys):
     assert "6 heads over 7x7 keys" in printed
     with Image.open(out) as im:
         assert im.format == "PNG"
+
+
+def test_attention_overlay_blends_the_upsampled_map_over_the_image():
+    image = torch.full((3, 8, 8), 0.5)
+    attention = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # all weight on the bottom-right key
+    overlay = attention_overlay(image, attention, alpha=0.5)
+    assert overlay.shape == (8, 8, 3) and overlay.dtype == torch.uint8
+    # the corners hold the map's extremes: inferno's darkest (0, 0, 4) and brightest (252, 255, 164), half each
+    expected_low = torch.tensor([0.5 * 127.5 + 0.5 * c for c in (0.0015 * 255, 0.0005 * 255, 0.0139 * 255)])
+    expected_high = torch.tensor([0.5 * 127.5 + 0.5 * c for c in (0.9884 * 255, 0.9984 * 255, 0.6449 * 255)])
+    torch.testing.assert_close(overlay[0, 0].float(), expected_low, atol=1.0, rtol=0)
+    torch.testing.assert_close(overlay[-1, -1].float(), expected_high, atol=1.0, rtol=0)

@@ -182,8 +182,32 @@ def plot_attention(
     return path
 
 
+def attention_overlay(image: torch.Tensor, attention: torch.Tensor, *, alpha: float = 0.55) -> torch.Tensor:
+    """One picture of a map over the image it came from, as `plot_attention` draws each panel, without the figure.
+
+    Args:
+        image: the image the model saw, (3, H, W) with values in [0, 1].
+        attention: one map on the key grid, (Hk, Wk); upsampled bilinearly and coloured ("inferno") from its
+            smallest to its largest weight.
+        alpha: opacity of the map.
+
+    Returns:
+        The blend as 8-bit RGB, (H, W, 3) uint8, on the CPU.
+    """
+    from matplotlib import colormaps  # noqa: PLC0415
+
+    h, w = image.shape[-2:]
+    heat = attention.detach().float().cpu()[None, None]  # (Hk, Wk) -> (1, 1, Hk, Wk)
+    heat = F.interpolate(heat, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+    colours = torch.from_numpy(colormaps["inferno"](heat.numpy())[..., :3]).float()  # (H, W, RGBA) -> (H, W, 3)
+    picture = image.detach().float().cpu().permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+    return ((1 - alpha) * picture + alpha * colours).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
 __all__ = [
     "ClassTokenAttention",
+    "attention_overlay",
     "class_token_attention",
     "denormalize",
     "key_grid",

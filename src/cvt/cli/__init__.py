@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "cvt.cli.push",
     "cvt.cli.export",
     "cvt.cli.attention",
+    "cvt.cli.serve",
 )
 
 
