@@ -81,7 +81,7 @@ def test_list_models_filters_as_timm():
 
 def test_pretrained_cfg_is_timms_dict():
     with torch.device("meta"):  # the registered architectures, without computing their weights
-        model = cvt.create_model("cvt_13", num_classes=10)
+        model = cvt.create_model("cvt_13")
         big = cvt.create_model("cvt_21.in22k_ft_384").pretrained_cfg
         features = cvt.create_model("cvt_13", features_only=True)
     cfg = model.pretrained_cfg
@@ -90,10 +90,10 @@ def test_pretrained_cfg_is_timms_dict():
     assert (cfg["hf_hub_id"], cfg["file"], cfg["license"]) == ("microsoft/cvt-13", "CvT-13-224x224-IN-1k.pth", "mit")
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
-    assert cfg["num_classes"] == 10
+    assert cfg["num_classes"] == 1000
     # timm's first_conv / classifier name the modules (timm adapts in_chans and swaps heads through them)
     conv, head = model.get_submodule(cfg["first_conv"]), model.get_submodule(cfg["classifier"])
-    assert isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3 and head.out_features == 10
+    assert isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3 and head.out_features == 1000
     assert big["input_size"] == (3, 384, 384) and big["crop_pct"] == 1.0 and big["crop_mode"] == "squash"
     assert big["hf_hub_id"] == "microsoft/cvt-21-384-22k" and big["tag"] == "in22k_ft_384"
     assert features.pretrained_cfg["hf_hub_id"] == "microsoft/cvt-13" and features.pretrained_cfg["num_classes"] == 0

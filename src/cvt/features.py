@@ -90,8 +90,7 @@ class CvTFeatures(PretrainedCfgMixin, nn.Module):
         feature_info: a `FeatureInfo` (timm's): `channels()`, `reduction()`, `module_name()`, `get_dicts()` of the
             selected stages; one dict per stage kept (`num_chs`, `reduction`, `module`, `index`).
         cfg: the architecture of the source model.
-        model_name, data_config, pretrained_entry: the source model's (see `CvT`; `pretrained_cfg` is timm's
-            dict); `class_names` is None, since a backbone has no classes.
+        identity: the source model's (see `CvT`), without class names, since a backbone has no classes.
     """
 
     def __init__(self, model: CvT, out_indices: int | Sequence[int] = (0, 1, 2)) -> None:
@@ -100,9 +99,7 @@ class CvTFeatures(PretrainedCfgMixin, nn.Module):
         self.out_indices = _normalise_indices(out_indices, len(model.stages))
         self.stages = model.stages[: max(self.out_indices) + 1]
         self.feature_info = FeatureInfo(model.feature_info[: len(self.stages)], self.out_indices)
-        self.model_name, self.data_config = model.model_name, model.data_config
-        self.pretrained_entry = model.pretrained_entry
-        self.class_names: list[str] | None = None
+        self.identity = model.identity.replace(class_names=None)
 
     def channels(self) -> list[int]:
         """Channels of each returned map."""

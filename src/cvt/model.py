@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import CvTConfig, DataConfig, PretrainedCfg
+from .config import CvTConfig
+from .identity import ModelIdentity
 from .timm_interface import TimmInterface
 
 
@@ -354,20 +355,15 @@ class CvT(TimmInterface, nn.Module):
 
     Attributes:
         cfg: the architecture.
-        model_name: registered `name.tag`, the name a checkpoint recorded, or None.
-        data_config: the evaluation preprocessing the weights expect; default the ImageNet 224 protocol.
-        class_names: one name per class, or None when unknown.
-        pretrained_entry: the released weights the model's name refers to, or None (`pretrained_cfg` is timm's
-            dict describing the model; assigning it a `PretrainedCfg` sets this).
+        identity: who the model is (`cvt.identity.ModelIdentity`, decided by `cvt.variants.identify`): its name,
+            the released weights it still is, its evaluation preprocessing and class names; `model_name`,
+            `pretrained_entry`, `data_config`, `class_names` and timm's `pretrained_cfg` read it.
     """
 
     def __init__(self, cfg: CvTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model_name: str | None = None
-        self.data_config = DataConfig()
-        self.class_names: list[str] | None = None
-        self.pretrained_entry: PretrainedCfg | None = None
+        self.identity = ModelIdentity()
         self.num_classes = cfg.num_classes
         self.num_features = cfg.dims[-1]
         stages, in_chans, reduction = [], cfg.in_chans, 1
@@ -425,11 +421,15 @@ class CvT(TimmInterface, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none), and its pooling
         if `global_pool` is given ("token" or "avg", see `CvTConfig`). `cfg` follows, so what is saved from the
-        model records the new head, and the old class names are dropped."""
+        model records the new head; the old class names are dropped, and with them any claim to released weights
+        (the name loses its weights tag: "cvt_13.in1k" -> "cvt_13")."""
         self.num_classes = num_classes
         pool = {"global_pool": global_pool} if global_pool is not None else {}
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, **pool)
-        self.class_names = None
+        name = self.identity.name
+        if self.identity.weights is not None and name is not None:
+            name = name.partition(".")[0]
+        self.identity = self.identity.replace(name=name, weights=None, class_names=None)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..config import TRAINING_FIELDS, CvTConfig
-from ..variants import VARIANTS
 from .formats import CheckpointError
 
 
 def infer_config(
-    state_dict: dict[str, torch.Tensor], known: dict[str, Any] | None = None
+    state_dict: dict[str, torch.Tensor],
+    known: dict[str, Any] | None = None,
+    variants: Mapping[str, CvTConfig] | None = None,
 ) -> tuple[CvTConfig, str | None, bool]:
     """The architecture of a state dict in our layout, read from its keys and shapes.
 
@@ -26,6 +28,8 @@ def infer_config(
     Args:
         state_dict: weights in our layout (shapes suffice: meta tensors work).
         known: `CvTConfig` fields the caller knows, taken instead of inferred (e.g. heads, qkv_method).
+        variants: {name: architecture} of the registered variants to recognise (`cvt.factory.infer_config` passes
+            the registry's; this package does not know it).
 
     Returns:
         (config, registered variant name or None, whether the heads were guessed).
@@ -69,7 +73,7 @@ def infer_config(
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else 0
     fields.update(known)
-    for name, (variant, _) in VARIANTS.items():
+    for name, variant in (variants or {}).items():
         with contextlib.suppress(ValueError):  # a variant's heads may not divide these widths
             if dataclasses.replace(variant, **fields) == variant:
                 return dataclasses.replace(variant, num_classes=num_classes), name, False

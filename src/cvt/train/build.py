@@ -16,6 +16,7 @@ from .. import data as cdata
 from ..engine import ModelEma
 from ..factory import create_model, resolve_model
 from ..optim import WarmupCosineSchedule, create_optimizer, scaled_lr
+from ..variants import identify
 from .config import TrainConfig
 from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
 from .rng import seed_everything
@@ -88,8 +89,8 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     # the same initial weights on every rank (FSDP does not broadcast them), then per-rank randomness
     seed_everything(cfg.seed)
     net = build_model(cfg, classes)
-    net.data_config = cfg.data_config()
-    net.class_names = classes
+    # trained weights are the run's, not released ones: named by the architecture ("cvt_13", "cvt_13-custom")
+    net.identity = identify(net.cfg, net.model_name.partition(".")[0], data=cfg.data_config(), class_names=classes)
     if cfg.grad_checkpointing:
         net.set_grad_checkpointing(True)
     net.to(env.device)
