@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from .. import data as cdata
-from ..engine import ModelEma
+from ..engine import Learner, ModelEma, StepSettings
 from ..factory import create_model, resolve_model
 from ..optim import WarmupCosineSchedule, create_optimizer, scaled_lr
 from ..variants import identify
@@ -46,6 +46,7 @@ class Run:
         amp_dtype: autocast dtype, None for float32.
         mixup: batch Mixup/CutMix, or None.
         criterion: the loss.
+        step_settings: how each training step runs (device, precision, accumulation, clipping, Mixup).
     """
 
     train_ds: Dataset
@@ -67,6 +68,12 @@ class Run:
     amp_dtype: torch.dtype | None
     mixup: Any
     criterion: nn.Module
+    step_settings: StepSettings
+
+    @property
+    def learner(self) -> Learner:
+        """What the training step updates: the model, optimiser, loss, schedule, scaler and EMA."""
+        return Learner(self.model, self.optimizer, self.criterion, self.scheduler, self.scaler, self.ema, self.net)
 
 
 def check_options(cfg: TrainConfig, env: DistEnv) -> None:
@@ -150,6 +157,14 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         amp_dtype=AMP_DTYPES[cfg.amp],
         mixup=mixup,
         criterion=criterion,
+        step_settings=StepSettings(
+            device=env.device,
+            amp_dtype=AMP_DTYPES[cfg.amp],
+            accum_steps=cfg.accum_steps,
+            clip_grad=cfg.clip_grad,
+            channels_last=cfg.channels_last,
+            mixup=mixup,
+        ),
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError, read_training_checkpoint
-from ..engine import EpochMeter, NonFiniteLossError, evaluate, train_one_epoch
+from ..engine import EpochMeter, EpochPlan, NonFiniteLossError, evaluate, train_one_epoch
 from .build import Run, build_run, check_options
 from .config import TrainConfig
 from .distributed import DistEnv, setup_env, sync_buffers, teardown_env
@@ -93,27 +93,19 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             return _preempted(cfg, env, run, state, run_dir, stop)
         started = time.perf_counter()
         result = train_one_epoch(
-            run.model,
+            run.learner,
             _epoch_batches(cfg, run, state),
-            run.optimizer,
-            criterion=run.criterion,
-            epoch=state.epoch,
-            steps_per_epoch=run.steps_per_epoch,
-            scheduler=run.scheduler,
-            device=env.device,
-            mixup=run.mixup,
-            amp_dtype=run.amp_dtype,
-            scaler=run.scaler,
-            accum_steps=cfg.accum_steps,
-            clip_grad=cfg.clip_grad,
-            ema=run.ema,
-            ema_source=run.net,
-            channels_last=cfg.channels_last,
-            start_step=state.step,
-            global_step=state.global_step,
-            max_steps=_next_stop(cfg, state.global_step),
+            EpochPlan(
+                state.epoch,
+                run.steps_per_epoch,
+                start_step=state.step,
+                global_step=state.global_step,
+                max_steps=_next_stop(cfg, state.global_step),
+                meter=state.meter,
+                epochs=cfg.epochs,
+            ),
+            run.step_settings,
             should_stop=lambda: stop.check(env),
-            meter=state.meter,
             progress=_progress(cfg, env),
         )
         if not result.finished and not stop.agreed and result.global_step != _next_stop(cfg, state.global_step):
