@@ -122,3 +122,21 @@ def test_cli_finetunes_a_checkpoint_in_one_command(shapes, classes, tmp_path, ca
     assert model.class_names == classes and model.data_config.input_size == (32, 32)
     assert model.data_config.crop_mode == "squash"
     assert main(["train", "--model", str(tmp_path / "pre")]) == 2  # no data: an error, not a traceback
+
+
+def test_cli_starts_a_registered_model_from_random_weights_offline(shapes, tmp_path, monkeypatch, capsys):
+    # before: `cvt train --model cvt_13` always fetched the released weights (twice: once for the data config)
+    from huggingface_hub import constants
+
+    from cvt.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    args = ["train", "--model", "cvt_13", "--data", str(shapes), "--output", str(out), "--set", "pretrained=false",
+            "--set", f"model_kwargs={TINY}", "--set", "input_size=32", "--set", "max_steps=1",
+            "--set", "num_workers=0", "--set", "progress=False"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 1
+    assert json.loads((out / "config.json").read_text())["pretrained"] is False
+    assert cvt.load_model(out / "last.pt").model_name == "cvt_13-custom"  # the run's weights, not released ones

@@ -43,6 +43,7 @@ from .config import (
     find_config,
     load_config,
     load_config_module,
+    parse_overrides,
     shipped_configs,
 )
 from .distributed import ResumableSampler
@@ -63,6 +64,7 @@ __all__ = [
     "finetune_config",
     "load_config",
     "load_config_module",
+    "parse_overrides",
     "plot_curves",
     "read_resume_checkpoint",
     "resolve_resume",

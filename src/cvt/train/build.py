@@ -16,7 +16,7 @@ from .. import data as cdata
 from ..engine import Learner, ModelEma, StepSettings
 from ..factory import create_model, resolve_model
 from ..optim import WarmupCosineSchedule, create_optimizer, scaled_lr
-from ..variants import identify
+from ..variants import identify, is_registered
 from .config import TrainConfig
 from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
 from .rng import seed_everything
@@ -84,6 +84,11 @@ def check_options(cfg: TrainConfig, env: DistEnv) -> None:
         logger.warning("fsdp=True without torchrun (one process): training unsharded")
     if cfg.fsdp and cfg.ema_decay is not None:
         raise ValueError("EMA is not supported together with FSDP")
+    if not cfg.pretrained and cfg.init and not is_registered(cfg.init):
+        raise ValueError(
+            f"pretrained=False starts a registered model (init=NAME) from random weights; init={cfg.init!r} is "
+            "not one: drop pretrained=False, or pass a name from `cvt list`"
+        )
 
 
 def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
@@ -173,6 +178,8 @@ def build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     to `classes` (see `fit_head`)."""
     if not cfg.init:
         return create_model(cfg.model, num_classes=len(classes), **cfg.model_kwargs)
+    if not cfg.pretrained:  # a registered architecture from random weights (`check_options` refused a path)
+        return create_model(cfg.init, num_classes=len(classes), **cfg.model_kwargs)
     # fine-tuning: the architecture is the checkpoint's; model_kwargs change it (e.g. drop path)
     net = resolve_model(cfg.init, **cfg.model_kwargs)
     loaded = len(net.state_dict())

@@ -28,14 +28,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ..config import DataConfig
 from ..data import open_dataset
-from ..factory import resolve_model
-from .config import TrainConfig, apply_overrides
+from ..factory import load_model
+from ..variants import is_registered, resolve
+from .config import TrainConfig, apply_overrides, parse_overrides
 
 # BiT-HyperRule: (training images below, optimiser steps); the last entry covers every larger set
 SCHEDULE_STEPS = ((20_000, 500), (500_000, 10_000), (None, 20_000))
@@ -60,24 +62,33 @@ def default_batch_size(num_images: int) -> int:
     return min(BATCH_SIZE, 2 ** int(math.log2(quarter)))
 
 
-def finetune_config(model: str, data: str, overrides: Sequence[str] = ()) -> TrainConfig:
+def _data_config(model: str) -> DataConfig:
+    """The evaluation protocol of `model`: a registered name's from the registry (nothing built or downloaded),
+    a checkpoint's from the file."""
+    if is_registered(model):
+        return resolve(model)[3].data
+    return load_model(model).data_config
+
+
+def finetune_config(model: str, data: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
     """The fine-tuning `TrainConfig` for checkpoint or registered name `model` on dataset `data`.
 
     Args:
         model: anything `cvt.resolve_model` takes: a checkpoint in any supported format, or "name[.tag]".
         data: the dataset (as `TrainConfig.data`: a folder with train/ and val/, a CSV list or tar shards).
-        overrides: `key=value` overrides, applied after the defaults (see the module docstring).
+        overrides: `key=value` strings or typed {key: value}, applied after the defaults (see the module docstring).
 
     Returns:
         A config with every field resolved: `init=model`, the model's evaluation protocol, and the schedule
         sized to the training set.
     """
-    data_config = resolve_model(model).data_config
+    data_config = _data_config(model)
     height, width = data_config.input_size
     if height != width:
         raise ValueError(f"{model} is evaluated at {height}x{width}; fine-tuning trains square inputs: "
                          "--set input_size=N")  # fmt: skip
-    keys = {item.partition("=")[0].strip().partition(".")[0] for item in overrides}
+    overrides = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    keys = {key.partition(".")[0] for key in overrides}
     probe = apply_overrides(TrainConfig(data=data, optimizer="sgd"), overrides)  # the split, optimiser, device
     num_images = _count_images(probe.data, probe.train_split)
     cfg = TrainConfig(
