@@ -10,7 +10,7 @@ import torch
 import cvt
 from cvt.data import make_dataset, open_dataset
 from cvt.train import finetune_config
-from cvt.train.build import build_model
+from cvt.train.build import model_to_train
 from cvt.train.finetune import default_batch_size, schedule_steps
 
 TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
@@ -69,7 +69,7 @@ def test_other_class_names_reinitialise_the_head_and_say_so(shapes, classes, tmp
     old = saved_model(tmp_path / "pre", ["w", "x", "y", "z"])
     cfg = finetune_config(str(tmp_path / "pre"), str(shapes))
     with caplog.at_level(logging.INFO, logger="cvt"):
-        net = build_model(cfg, classes)
+        net = model_to_train(cfg, classes)
     assert not torch.equal(net.head.weight, old.head.weight)
     assert net.cfg.num_classes == 4 and net.class_names is None  # build_run then sets the data's names
     body = {k: v for k, v in old.state_dict().items() if not k.startswith("head.")}
@@ -85,17 +85,17 @@ def test_other_class_names_reinitialise_the_head_and_say_so(shapes, classes, tmp
 def test_same_classes_keep_or_reorder_the_head(shapes, classes, tmp_path, caplog):
     same = saved_model(tmp_path / "same", classes)
     with caplog.at_level(logging.INFO, logger="cvt"):
-        net = build_model(finetune_config(str(tmp_path / "same"), str(shapes)), classes)
+        net = model_to_train(finetune_config(str(tmp_path / "same"), str(shapes)), classes)
     assert torch.equal(net.head.weight, same.head.weight) and torch.equal(net.head.bias, same.head.bias)
     assert "head kept" in caplog.text
     shuffled = [classes[i] for i in (2, 0, 3, 1)]
     other = saved_model(tmp_path / "shuffled", shuffled)
-    net = build_model(finetune_config(str(tmp_path / "shuffled"), str(shapes)), classes)
+    net = model_to_train(finetune_config(str(tmp_path / "shuffled"), str(shapes)), classes)
     for row, name in enumerate(classes):  # data class `name` is row shuffled.index(name) of the old head
         assert torch.equal(net.head.weight[row], other.head.weight[shuffled.index(name)])
         assert torch.equal(net.head.bias[row], other.head.bias[shuffled.index(name)])
     saved_model(tmp_path / "fewer", classes[:3])
-    net = build_model(finetune_config(str(tmp_path / "fewer"), str(shapes)), classes)
+    net = model_to_train(finetune_config(str(tmp_path / "fewer"), str(shapes)), classes)
     assert net.head.weight.shape == (4, 48) and net.cfg.num_classes == 4  # what a saved file will record
 
 

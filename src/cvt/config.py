@@ -128,7 +128,7 @@ class CvTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CvTConfig:
         """Build from `to_dict` output; unknown keys are an error naming them and the valid ones."""
-        check_fields(cls, data, "CvTConfig")
+        reject_unknown_fields(cls, data, "CvTConfig")
         return cls(**data)
 
 
@@ -166,11 +166,11 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
-        check_fields(cls, data, "DataConfig")
+        reject_unknown_fields(cls, data, "DataConfig")
         return cls(**data)
 
 
-def check_fields(cls: type, data: dict[str, Any], what: str) -> None:
+def reject_unknown_fields(cls: type, data: dict[str, Any], what: str) -> None:
     """Raise a ValueError naming any key of `data` that is not a field of dataclass `cls`."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

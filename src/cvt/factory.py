@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, load_state_dict_strict, read_checkpoint
 from .checkpoint.infer import infer_config as _infer_from_weights
-from .config import TRAINING_FIELDS, CvTConfig, DataConfig, check_fields
+from .config import TRAINING_FIELDS, CvTConfig, DataConfig, reject_unknown_fields
 from .features import CvTFeatures
 from .hub import download_weights
 from .model import CvT
@@ -159,7 +159,7 @@ def model_from_checkpoint(
     Returns:
         The model in eval mode, with its `identity` (`model_name`, `data_config`, `class_names`, `pretrained_cfg`).
     """
-    check_fields(CvTConfig, overrides, "CvTConfig")
+    reject_unknown_fields(CvTConfig, overrides, "CvTConfig")
     file_cfg = _file_architecture(ckpt, cfg, overrides)
     cfg = file_cfg if num_classes is None else dataclasses.replace(file_cfg, num_classes=num_classes)
     state, allow_missing = dict(ckpt.state_dict), set()

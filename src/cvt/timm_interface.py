@@ -12,7 +12,7 @@ its models document them:
   stage's token embedding (and class token) shares the group of its first block; the first stage's embedding is
   the stem, a group of its own, and the final norm joins the last block.
 - `layer_ids` numbers those groups 0, 1, ... in that order (timm's `group_parameters(..., reverse=True)`), which is
-  what layer-wise learning-rate decay scales by (`cvt.optim.param_groups`).
+  what layer-wise learning-rate decay scales by (`cvt.train.optimizer.param_groups`).
 - `indices` of `forward_intermediates` / `prune_intermediate_layers`: None for every stage, an int n for the last
   n, a sequence for those stages (negative counts from the end); out of range is an error (timm's
   `feature_take_indices`).

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
+from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, reject_unknown_fields
 from .identity import ModelIdentity
 
 _CVT_13 = CvTConfig()
@@ -131,7 +131,7 @@ def is_registered(name: str) -> bool:
 def model_config(name: str, **overrides: Any) -> CvTConfig:
     """The `CvTConfig` of a registered variant with `overrides` applied (unknown fields are an error)."""
     _, cfg, _, _ = resolve(name)
-    check_fields(CvTConfig, overrides, "CvTConfig")
+    reject_unknown_fields(CvTConfig, overrides, "CvTConfig")
     return dataclasses.replace(cfg, **overrides)
 
 

@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from .. import data as cdata
 from ..engine import Learner, ModelEma, StepSettings
 from ..factory import create_model, resolve_model
-from ..optim import WarmupCosineSchedule, create_optimizer, scaled_lr
 from ..variants import identify, is_registered
 from .config import TrainConfig
 from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
+from .optimizer import WarmupCosineSchedule, create_optimizer, scaled_lr
 from .rng import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
 
     # the same initial weights on every rank (FSDP does not broadcast them), then per-rank randomness
     seed_everything(cfg.seed)
-    net = build_model(cfg, classes)
+    net = model_to_train(cfg, classes)
     # trained weights are the run's, not released ones: named by the architecture ("cvt_13", "cvt_13-custom")
     net.identity = identify(net.cfg, net.model_name.partition(".")[0], data=cfg.data_config(), class_names=classes)
     if cfg.grad_checkpointing:
@@ -173,7 +173,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     )
 
 
-def build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+def model_to_train(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     """The model to train: a registered variant, or with `cfg.init` the checkpoint to fine-tune, its head fitted
     to `classes` (see `fit_head`)."""
     if not cfg.init:

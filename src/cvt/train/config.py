@@ -152,7 +152,7 @@ class TrainConfig:
         for name in ("mean", "std", "scale", "ratio"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
-        check_fields(self)
+        check_values(self)
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp {self.amp!r} is not one of {AMP_MODES}")
 
@@ -182,7 +182,7 @@ AT_LEAST = {"epochs": 1, "batch_size": 1, "accum_steps": 1, "num_workers": 0, "e
             "max_steps": 1, "save_every_steps": 1, "num_threads": 1, "warmup_epochs": 0}  # fmt: skip
 
 
-def check_fields(cfg: TrainConfig) -> None:
+def check_values(cfg: TrainConfig) -> None:
     """Every field's value against its type (and the bounds of `AT_LEAST`; numbers finite), so that a wrong
     `--set` fails at once, before anything is created: "epochs must be an int, got 'one'"."""
     hints = _field_types()
