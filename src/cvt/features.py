@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .model import CvT
-from .timm_interface import PretrainedCfgMixin, take_indices
+from .timm_interface import PretrainedCfgMixin, run_stages, take_indices
 
 
 def _normalise_indices(out_indices: int | Sequence[int], num_stages: int) -> tuple[int, ...]:
@@ -116,12 +116,9 @@ class CvTFeatures(PretrainedCfgMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, C, H, W) -> the selected stage maps, each (B, C_i, H_i, W_i) with H_i ≈ H / reduction_i."""
-        maps = []
-        for i, stage in enumerate(self.stages):
-            x = stage.to_map(*stage(x))  # (B, prefix + HW, C) -> (B, C, H, W); the class token is dropped
-            if i in self.out_indices:
-                maps.append(x)
-        return maps
+        outputs = enumerate(zip(self.stages, run_stages(self.stages, x), strict=True))
+        # (B, prefix + HW, C) -> (B, C, H, W); the class token is dropped
+        return [stage.to_map(tokens, hw) for i, (stage, (tokens, hw)) in outputs if i in self.out_indices]
 
 
 def filter_state_dict(state_dict: dict[str, torch.Tensor], features: CvTFeatures) -> dict[str, torch.Tensor]:

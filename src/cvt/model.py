@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import CvTConfig
 from .identity import ModelIdentity
-from .timm_interface import TimmInterface
+from .timm_interface import TimmInterface, run_stages
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -441,9 +441,7 @@ class CvT(TimmInterface, nn.Module):
         With `class_token_only` (and a class token in the last stage) the result is (B, 1, C): the last block
         computes the class token's query, attention row and MLP alone, since no other output row reaches it.
         """
-        for stage in self.stages[:-1]:
-            x = stage.to_map(*stage(x))
-        tokens, _ = self.stages[-1](x, prefix_only=class_token_only)
+        *_, (tokens, _) = run_stages(self.stages, x, prefix_only=class_token_only)
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -24,7 +24,7 @@ its models document them:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +59,21 @@ def take_indices(num_stages: int, indices: int | Sequence[int] | None) -> tuple[
         if not taken:
             raise ValueError("indices is empty: select at least one stage")
     return taken, max(taken)
+
+
+def run_stages(
+    stages: Sequence[nn.Module], x: torch.Tensor, prefix_only: bool = False
+) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Images (B, C, H, W) through `stages` in order: yields each stage's tokens (B, prefix + HW, C) and grid (H, W);
+    the next stage reads their map (`Stage.to_map`, class token dropped). With `prefix_only` the last stage
+    computes its class tokens' rows alone, (B, prefix, C). The one stage loop of the model, its backbone and
+    `forward_intermediates`."""
+    last = len(stages) - 1
+    for i, stage in enumerate(stages):
+        tokens, hw = stage(x, prefix_only=prefix_only and i == last)
+        yield tokens, hw
+        if i < last:
+            x = stage.to_map(tokens, hw)
 
 
 def pretrained_cfg_dict(identity: ModelIdentity, num_classes: int) -> dict[str, Any]:
@@ -236,13 +251,11 @@ class TimmInterface(PretrainedCfgMixin):
         # the final norm fits the last stage only, and none after `prune_intermediate_layers` cut that one
         normed = num_stages - 1 if num_stages == self.cfg.num_stages else None
         out = []
-        for i, stage in enumerate(stages):
-            tokens, hw = stage(x)
+        for i, (stage, (tokens, hw)) in enumerate(zip(stages, run_stages(stages, x), strict=True)):
             if i == normed and norm:
                 tokens = self.norm(tokens)
-            x = stage.to_map(tokens, hw)
             if i in taken:
-                out.append(x if output_fmt == "NCHW" else tokens[:, stage.num_prefix_tokens :])
+                out.append(stage.to_map(tokens, hw) if output_fmt == "NCHW" else tokens[:, stage.num_prefix_tokens :])
         final = self.norm(tokens) if i == normed and not norm else tokens
         if output_dict:
             return {"image_intermediates": out, **({} if intermediates_only else {"image_features": final})}
@@ -273,5 +286,6 @@ __all__ = [
     "TimmInterface",
     "layer_ids",
     "pretrained_cfg_dict",
+    "run_stages",
     "take_indices",
 ]
