@@ -257,3 +257,42 @@ def test_resolve_data_config_and_create_transform():
     assert cvt.data.create_transform((3, 64, 48), is_training=True)(image).shape == (3, 64, 48)
     with pytest.raises(ValueError, match="border"):
         cvt.data.create_transform(224, crop_mode="border")
+
+
+# --- timm's head_hidden_size, global_pool="", set_input_size, pretrained_cfg_overlay, resolve_model_data_config ---
+
+
+@torch.no_grad()
+def test_no_pooling_applies_the_head_to_every_token():
+    torch.manual_seed(0)
+    pooled = cvt.create_model("cvt_13", **TINY).eval()
+    assert pooled.head_hidden_size == pooled.num_features == 48  # no pre-logits layer: the last stage's width
+    every = cvt.create_model("cvt_13", global_pool="", **TINY).eval()
+    every.load_state_dict(pooled.state_dict())
+    out = every(X)
+    grid = (X.shape[2] // 16) * (X.shape[3] // 16)  # strides 4, 2, 2
+    assert out.shape == (X.shape[0], 1 + grid, 10)  # timm's global_pool="": (B, tokens, classes)
+    torch.testing.assert_close(out[:, 0], pooled(X))  # the class token's row is the pooled model's logits
+    assert every.forward_head(every.forward_features(X), pre_logits=True).shape == (X.shape[0], 1 + grid, 48)
+
+
+def test_set_input_size_and_resolve_model_data_config():
+    model = cvt.create_model("cvt_13", **TINY)
+    model.set_input_size(96)
+    assert model.data_config.input_size == (96, 96) and model.pretrained_cfg["input_size"] == (3, 96, 96)
+    config = cvt.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, 96, 96) and config["crop_pct"] == 0.875 and config["interpolation"] == "bicubic"
+    model.set_input_size((96, 128))
+    assert cvt.data.resolve_model_data_config(model, args={"crop_pct": 1.0})["input_size"] == (3, 96, 128)
+
+
+def test_pretrained_cfg_overlay_reads_the_released_weights_from_a_file(model, tmp_path):
+    cvt.save_model(model, tmp_path / "local")
+    overlay = {"file": tmp_path / "local", "input_size": (3, 256, 256), "crop_pct": 1.0}
+    loaded = cvt.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=overlay, **TINY)
+    state = model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())
+    random = cvt.create_model("cvt_13", pretrained_cfg_overlay={"input_size": (3, 256, 256), "crop_pct": 1.0}, **TINY)
+    assert random.data_config.input_size == (256, 256) and random.data_config.crop_pct == 1.0
+    with pytest.raises(ValueError, match=r"unknown pretrained_cfg_overlay key\(s\) \['url'\]"):
+        cvt.create_model("cvt_13", pretrained_cfg_overlay={"url": "https://example.org/w.pth"}, **TINY)

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, load_state_dict_strict, read_checkpoint
 from .checkpoint.infer import infer_config as _infer_from_weights
-from .config import TRAINING_FIELDS, CvTConfig, DataConfig, reject_unknown_fields
+from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, reject_unknown_fields
 from .features import CvTFeatures
 from .hub import download_weights
 from .model import CvT
@@ -38,6 +38,7 @@ def create_model(
     out_indices: int | Sequence[int] = (0, 1, 2),
     global_pool: str | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> CvT | CvTFeatures:
     """Build a registered CvT variant.
@@ -54,6 +55,9 @@ def create_model(
             None for the variant's (the class token). timm's argument; `CvTConfig.global_pool`.
         checkpoint_path: a checkpoint (any supported format) to load into the created model, as timm's
             argument: the same as `pretrained=checkpoint_path`, and it wins over `pretrained`.
+        pretrained_cfg_overlay: timm's argument: changes to the released weights' entry, e.g. {"file": PATH} (the
+            same weights from a local file, with `pretrained=True`), {"hf_hub_id": REPO}, or the evaluation
+            preprocessing ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std").
         **overrides: `CvTConfig` fields to change, e.g. `act="gelu"`, `qkv_method="linear"`, `drop_path_rate=0.2`.
 
     Returns:
@@ -68,10 +72,12 @@ def create_model(
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     arch, _, tag, weights = resolve(name)
+    weights, local = _overlay(weights, pretrained_cfg_overlay or {})
     cfg = model_config(name, **overrides)
     if pretrained:
         if pretrained is True:
-            ckpt = read_checkpoint(download_weights(weights.hf_hub_id, official_file=weights.official_file))
+            local = local or download_weights(weights.hf_hub_id, official_file=weights.official_file)
+            ckpt = read_checkpoint(local)
         else:
             ckpt = read_checkpoint(pretrained)
         # the released weights are what the name says; a file of ours says what it is
@@ -80,8 +86,24 @@ def create_model(
     else:
         model = CvT(cfg)
         # the variant's own 1000-class head is ImageNet's, even before its weights are loaded; a narrowed model's is not
-        model.identity = identify(cfg, f"{arch}.{tag}", imagenet_head=match_variant(cfg) == arch)
+        model.identity = identify(cfg, f"{arch}.{tag}", data=weights.data, imagenet_head=match_variant(cfg) == arch)
     return CvTFeatures(model, out_indices) if features_only else model
+
+
+OVERLAY_KEYS = ("file", "hf_hub_id", "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def _overlay(weights: PretrainedCfg, overlay: dict[str, Any]) -> tuple[PretrainedCfg, Path | None]:
+    """(the released weights' entry with timm's `pretrained_cfg_overlay` applied, the local file it names)."""
+    unknown = sorted(set(overlay) - set(OVERLAY_KEYS))
+    if unknown:
+        raise ValueError(f"unknown pretrained_cfg_overlay key(s) {unknown}; valid keys: {list(OVERLAY_KEYS)}")
+    data = {k: v for k, v in overlay.items() if k in OVERLAY_KEYS[2:]}
+    if "input_size" in data:
+        data["input_size"] = tuple(data["input_size"])[-2:]  # timm's (C, H, W)
+    hub = {"hf_hub_id": overlay["hf_hub_id"]} if "hf_hub_id" in overlay else {}
+    weights = dataclasses.replace(weights, data=dataclasses.replace(weights.data, **data), **hub)
+    return weights, Path(overlay["file"]) if overlay.get("file") else None
 
 
 def infer_config(

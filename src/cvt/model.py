@@ -365,7 +365,7 @@ class CvT(TimmInterface, nn.Module):
         self.cfg = cfg
         self.identity = ModelIdentity()
         self.num_classes = cfg.num_classes
-        self.num_features = cfg.dims[-1]
+        self.num_features = self.head_hidden_size = cfg.dims[-1]  # timm's names: no pre-logits layer here
         stages, in_chans, reduction = [], cfg.in_chans, 1
         self.feature_info: list[dict[str, Any]] = []
         for i in range(cfg.num_stages):
@@ -420,9 +420,9 @@ class CvT(TimmInterface, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none), and its pooling
-        if `global_pool` is given ("token" or "avg", see `CvTConfig`). `cfg` follows, so what is saved from the
-        model records the new head; the old class names are dropped, and with them any claim to released weights
-        (the name loses its weights tag: "cvt_13.in1k" -> "cvt_13")."""
+        if `global_pool` is given ("token", "avg" or "" for none, see `CvTConfig`). `cfg` follows, so what is saved
+        from the model records the new head; the old class names are dropped, and with them any claim to released
+        weights (the name loses its weights tag: "cvt_13.in1k" -> "cvt_13")."""
         self.num_classes = num_classes
         pool = {"global_pool": global_pool} if global_pool is not None else {}
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, **pool)
@@ -435,6 +435,12 @@ class CvT(TimmInterface, nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             self.head.to(self.norm.weight.device, self.norm.weight.dtype)
 
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """timm's method, for the evaluation size the model records (`data_config.input_size`): a CvT runs at any
+        size already (no fixed grid; position embeddings, when enabled, are resampled on the fly)."""
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.data_config = dataclasses.replace(self.data_config, input_size=size)
+
     def forward_features(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised last-stage tokens (B, prefix + HW, C), class token first.
 
@@ -445,11 +451,13 @@ class CvT(TimmInterface, nn.Module):
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens from `forward_features` -> logits (B, classes), or pooled features with `pre_logits`."""
+        """Tokens from `forward_features` -> logits (B, classes), or pooled features with `pre_logits`; with
+        `global_pool=""` nothing is pooled (timm's): (B, prefix + HW, classes or C)."""
         # official: the class token if the last stage has one, else the mean of the tokens (`cfg.global_pool`
         # chooses); never squeezed, so a batch of 1 stays (1, classes) unlike the official head
-        prefix = self.stages[-1].num_prefix_tokens
-        x = x[:, 0] if self.cfg.pool == "token" else x[:, prefix:].mean(dim=1)
+        pool, prefix = self.cfg.pool, self.stages[-1].num_prefix_tokens
+        if pool:
+            x = x[:, 0] if pool == "token" else x[:, prefix:].mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
