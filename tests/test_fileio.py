@@ -64,9 +64,9 @@ def test_every_writer_says_a_failed_write_one_way(tmp_path):
     # before: atomic_write, the training checkpoint and the run directory each worded it (and its advice) their way
     from cvt.fileio import write_error
 
-    with pytest.raises(OSError, match=r"cannot write .*a\.json: No space left on device \(the disk is full: free space"):
-        with atomic_write(tmp_path / "a.json", "w"):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    full = r"cannot write .*a\.json: No space left on device \(the disk is full: free space"
+    with pytest.raises(OSError, match=full), atomic_write(tmp_path / "a.json", "w"):
+        raise OSError(errno.ENOSPC, "No space left on device")
     said = write_error(tmp_path / "b", PermissionError(errno.EACCES, "Permission denied"))
     assert isinstance(said, PermissionError) and said.errno == errno.EACCES
     assert str(said.strerror).endswith("(no permission to write there: fix the directory's permissions or choose "
