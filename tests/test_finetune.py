@@ -52,16 +52,28 @@ def test_finetune_config_takes_the_models_protocol_and_sizes_the_run(shapes, cla
     cfg = finetune_config(str(tmp_path / "pre"), str(shapes))
     assert cfg.init == str(tmp_path / "pre") and cfg.data == str(shapes)
     assert (cfg.input_size, cfg.crop_mode, cfg.crop_pct, cfg.interpolation) == (32, "squash", 1.0, "bilinear")
-    assert (cfg.optimizer, cfg.momentum, cfg.lr_per_256, cfg.weight_decay) == ("sgd", 0.9, 0.005, 0.0)
+    # a start that is not released weights (a small model's own pre-training): AdamW at 4e-3 per 256 images
+    assert (cfg.optimizer, cfg.momentum, cfg.lr_per_256, cfg.weight_decay) == ("adamw", 0.9, 4e-3, 0.05)
     # 32 images at batch 8: 4 steps an epoch, 500 steps = 125 epochs, warm-up 5% of them
     assert cfg.batch_size == 8 and cfg.epochs == 125 and cfg.warmup_epochs == pytest.approx(6.25)
     assert cfg.sched_unit == "step" and cfg.auto_augment is None and cfg.mixup_alpha == 0.0 and cfg.re_prob == 0.0
     # an override wins, and what derives from it follows: batch 16 -> 2 steps an epoch -> 250 epochs
-    cfg = finetune_config(str(tmp_path / "pre"), str(shapes), ["batch_size=16", "optimizer='adamw'"])
+    cfg = finetune_config(str(tmp_path / "pre"), str(shapes), ["batch_size=16", "optimizer='sgd'"])
     assert cfg.batch_size == 16 and cfg.epochs == 250 and cfg.warmup_epochs == pytest.approx(12.5)
-    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay) == ("adamw", 2.5e-5, 0.05)
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay) == ("sgd", 0.04, 0.0)
     cfg = finetune_config(str(tmp_path / "pre"), str(shapes), ["epochs=3"])
     assert cfg.epochs == 3 and cfg.warmup_epochs == pytest.approx(0.15)
+
+
+def test_released_weights_keep_the_papers_fine_tuning(shapes):
+    # the released ImageNet weights: the paper's SGD at 0.01 per 512 images (nothing is downloaded to decide it)
+    cfg = finetune_config("cvt_13", str(shapes))
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay, cfg.input_size) == ("sgd", 0.005, 0.0, 224)
+    cfg = finetune_config("cvt_13", str(shapes), ["optimizer=adamw"])
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay) == ("adamw", 2.5e-5, 0.05)
+    # random weights are no pre-training to keep: the rate that trains a model from its start
+    cfg = finetune_config("cvt_13", str(shapes), ["pretrained=false"])
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.pretrained) == ("adamw", 4e-3, False)
 
 
 def test_other_class_names_reinitialise_the_head_and_say_so(shapes, classes, tmp_path, caplog):
@@ -113,7 +125,7 @@ def test_cli_finetunes_a_checkpoint_in_one_command(shapes, classes, tmp_path, ca
     assert summary["completed"] and summary["epochs_done"] == 1 and summary["global_step"] == 4
     assert "re-initialised head.weight, head.bias" in caplog.text
     recorded = json.loads((out / "config.json").read_text())
-    assert recorded["init"] == str(tmp_path / "pre") and recorded["optimizer"] == "sgd"
+    assert recorded["init"] == str(tmp_path / "pre") and recorded["optimizer"] == "adamw"
     assert recorded["layer_decay"] == 0.75
     groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     # depths 1/1/1: stem, 3 blocks, head = layers 0-4; the head trains at the full rate, the stem at 0.75^4 of it
