@@ -163,12 +163,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         mixup=mixup,
         criterion=criterion,
         step_settings=StepSettings(
-            device=env.device,
-            amp_dtype=AMP_DTYPES[cfg.amp],
-            accum_steps=cfg.accum_steps,
-            clip_grad=cfg.clip_grad,
-            channels_last=cfg.channels_last,
-            mixup=mixup,
+            env.device, AMP_DTYPES[cfg.amp], cfg.accum_steps, cfg.clip_grad, cfg.channels_last, mixup
         ),
     )
 
