@@ -57,7 +57,8 @@ def create_model(
             argument: the same as `pretrained=checkpoint_path`, and it wins over `pretrained`.
         pretrained_cfg_overlay: timm's argument: changes to the released weights' entry, e.g. {"file": PATH} (the
             same weights from a local file, with `pretrained=True`), {"hf_hub_id": REPO}, or the evaluation
-            preprocessing ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std").
+            preprocessing ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"; a file that records
+            its own keeps it).
         **overrides: `CvTConfig` fields to change, e.g. `act="gelu"`, `qkv_method="linear"`, `drop_path_rate=0.2`.
 
     Returns:
