@@ -20,8 +20,9 @@ The protocol, every step through the commands a user runs (each run's exact `cvt
    the validation images evaluated in one batch after every epoch:
 
        finetune        `cvt train --model <pre-trained best.pt> --data <digits>`: the fine-tuning defaults
-                       (`cvt.train.finetune_config`: head re-initialised, SGD momentum 0.9 at 0.005 per 256 images,
-                       no weight decay, BiT's length rule: 500 steps); only flips (off), the evaluation batch
+                       (`cvt.train.finetune_config`: head re-initialised, for a start that is not released weights
+                       AdamW at 4e-3 per 256 images, weight decay 0.05 (SGD at 0.005 per 256 before; see
+                       docs/transfer.md), BiT's length rule: 500 steps); only flips (off), the evaluation batch
                        and --steps are set
        finetune_adamw  the same start with the scratch arm's optimiser (AdamW, --scratch-lr, weight decay 0.05): the
                        initial weights are the only difference from `scratch` (checked: the script fails otherwise)

@@ -117,3 +117,12 @@ def test_no_module_over_600_lines():
     assert len(sizes) > 40  # the walk saw the package
     too_long = {name: lines for name, lines in sizes.items() if lines > MAX_LINES}
     assert not too_long, f"modules over {MAX_LINES} lines (split them where their jobs separate): {too_long}"
+
+
+def test_checkpoint_io_knows_formats_not_the_registry():
+    # before: checkpoint/__init__, card, infer and save imported cvt.variants (card decided a licence from it)
+    graph = import_graph(SRC, "cvt")
+    io = {name: edges for name, edges in graph.items() if name.partition(".checkpoint")[1] or name == "cvt.checkpoint"}
+    assert len(io) > 5  # the walk saw the package
+    above = {"cvt.variants", "cvt.factory"}
+    assert not {name: edges & above for name, edges in io.items() if edges & above}

@@ -21,8 +21,6 @@ from cvt.checkpoint import (
     cvt_to_hf,
     cvt_to_official,
     hf_to_cvt,
-    imagenet_classes,
-    infer_config,
     official_to_cvt,
     read_checkpoint,
     read_training_checkpoint,
@@ -30,9 +28,9 @@ from cvt.checkpoint import (
 )
 from cvt.cli import main
 from cvt.config import CvTConfig, DataConfig
-from cvt.factory import load_model, resolve_model
+from cvt.factory import infer_config, load_model, resolve_model
 from cvt.model import CvT
-from cvt.variants import model_config
+from cvt.variants import imagenet_classes, model_config
 
 # transformers' CvT indexes its per-stage drop-path list by the stage number, so depth[i] must exceed i
 TINY = CvTConfig(dims=(16, 32, 48), depths=(1, 2, 3), heads=(1, 2, 3), num_classes=10)

@@ -77,3 +77,15 @@ def test_train_device_option(tmp_path):
 
     args = build_parser().parse_args(["train", "--config", "demo", "--device", "cpu", "--output", str(tmp_path)])
     assert build_config(args).device == "cpu"
+
+
+@pytest.mark.parametrize("name", ["info", "export"])
+def test_input_size_is_n_or_h_w_for_every_command(name, capsys):
+    # before: parsed twice with different checks (export refused 3 values only when run, info after parsing)
+    base = [name, "--model", "cvt_13", *(["--output", "m.onnx"] if name == "export" else [])]
+    assert build_parser().parse_args([*base, "--input-size", "384"]).input_size == (384, 384)
+    assert build_parser().parse_args([*base, "--res", "224", "192"]).input_size == (224, 192)
+    assert build_parser().parse_args(base).input_size is None
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*base, "--input-size", "1", "2", "3"])
+    assert exit_info.value.code == 2 and "--input-size takes N or H W, got 1 2 3" in capsys.readouterr().err

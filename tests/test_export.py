@@ -152,3 +152,16 @@ def test_backbone_and_full_size_onnx(tmp_path):
     assert [o.name for o in session.get_outputs()] == ["stage0", "stage2"]
     maps = session.run(None, {"images": np.zeros((1, 3, 256, 320), np.float32)})
     assert [m.shape for m in maps] == [(1, 64, 64, 80), (1, 384, 16, 20)]
+
+
+def test_cli_shows_each_check_once(exported):
+    # before: the library logged every check at INFO and the command printed it again, so the user saw it twice
+    import subprocess
+    import sys
+
+    folder, _ = exported
+    argv = ["export", "--model", str(folder / "tiny"), "--format", "onnx", "--output", str(folder / "again.onnx")]
+    code = f"import sys; from cvt.cli import main; sys.exit(main({argv!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    # the terminal shows the printed result (stdout) and the INFO log lines (stderr): each check in one of them
+    assert proc.stdout.count("max abs diff to PyTorch") == 2 and "max abs diff" not in proc.stderr, proc.stderr

@@ -58,3 +58,17 @@ def test_full_disk_names_the_file_not_the_temporary(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")  # what a write on a full disk raises
     assert info.value.errno == errno.ENOSPC
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_every_writer_says_a_failed_write_one_way(tmp_path):
+    # before: atomic_write, the training checkpoint and the run directory each worded it (and its advice) their way
+    from cvt.fileio import write_error
+
+    full = r"cannot write .*a\.json: No space left on device \(the disk is full: free space"
+    with pytest.raises(OSError, match=full), atomic_write(tmp_path / "a.json", "w"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    said = write_error(tmp_path / "b", PermissionError(errno.EACCES, "Permission denied"))
+    assert isinstance(said, PermissionError) and said.errno == errno.EACCES
+    assert str(said.strerror).endswith("(no permission to write there: fix the directory's permissions or choose "
+                                       "another output)")  # fmt: skip
+    assert write_error(tmp_path / "c", said) is said  # said once, not again by the layer above

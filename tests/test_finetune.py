@@ -10,7 +10,7 @@ import torch
 import cvt
 from cvt.data import make_dataset, open_dataset
 from cvt.train import finetune_config
-from cvt.train.build import build_model
+from cvt.train.build import model_to_train
 from cvt.train.finetune import default_batch_size, schedule_steps
 
 TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
@@ -52,16 +52,28 @@ def test_finetune_config_takes_the_models_protocol_and_sizes_the_run(shapes, cla
     cfg = finetune_config(str(tmp_path / "pre"), str(shapes))
     assert cfg.init == str(tmp_path / "pre") and cfg.data == str(shapes)
     assert (cfg.input_size, cfg.crop_mode, cfg.crop_pct, cfg.interpolation) == (32, "squash", 1.0, "bilinear")
-    assert (cfg.optimizer, cfg.momentum, cfg.lr_per_256, cfg.weight_decay) == ("sgd", 0.9, 0.005, 0.0)
+    # a start that is not released weights (a small model's own pre-training): AdamW at 4e-3 per 256 images
+    assert (cfg.optimizer, cfg.momentum, cfg.lr_per_256, cfg.weight_decay) == ("adamw", 0.9, 4e-3, 0.05)
     # 32 images at batch 8: 4 steps an epoch, 500 steps = 125 epochs, warm-up 5% of them
     assert cfg.batch_size == 8 and cfg.epochs == 125 and cfg.warmup_epochs == pytest.approx(6.25)
     assert cfg.sched_unit == "step" and cfg.auto_augment is None and cfg.mixup_alpha == 0.0 and cfg.re_prob == 0.0
     # an override wins, and what derives from it follows: batch 16 -> 2 steps an epoch -> 250 epochs
-    cfg = finetune_config(str(tmp_path / "pre"), str(shapes), ["batch_size=16", "optimizer='adamw'"])
+    cfg = finetune_config(str(tmp_path / "pre"), str(shapes), ["batch_size=16", "optimizer='sgd'"])
     assert cfg.batch_size == 16 and cfg.epochs == 250 and cfg.warmup_epochs == pytest.approx(12.5)
-    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay) == ("adamw", 2.5e-5, 0.05)
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay) == ("sgd", 0.04, 0.0)
     cfg = finetune_config(str(tmp_path / "pre"), str(shapes), ["epochs=3"])
     assert cfg.epochs == 3 and cfg.warmup_epochs == pytest.approx(0.15)
+
+
+def test_released_weights_keep_the_papers_fine_tuning(shapes):
+    # the released ImageNet weights: the paper's SGD at 0.01 per 512 images (nothing is downloaded to decide it)
+    cfg = finetune_config("cvt_13", str(shapes))
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay, cfg.input_size) == ("sgd", 0.005, 0.0, 224)
+    cfg = finetune_config("cvt_13", str(shapes), ["optimizer=adamw"])
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.weight_decay) == ("adamw", 2.5e-5, 0.05)
+    # random weights are no pre-training to keep: the rate that trains a model from its start
+    cfg = finetune_config("cvt_13", str(shapes), ["pretrained=false"])
+    assert (cfg.optimizer, cfg.lr_per_256, cfg.pretrained) == ("adamw", 4e-3, False)
 
 
 def test_other_class_names_reinitialise_the_head_and_say_so(shapes, classes, tmp_path, caplog):
@@ -69,7 +81,7 @@ def test_other_class_names_reinitialise_the_head_and_say_so(shapes, classes, tmp
     old = saved_model(tmp_path / "pre", ["w", "x", "y", "z"])
     cfg = finetune_config(str(tmp_path / "pre"), str(shapes))
     with caplog.at_level(logging.INFO, logger="cvt"):
-        net = build_model(cfg, classes)
+        net = model_to_train(cfg, classes)
     assert not torch.equal(net.head.weight, old.head.weight)
     assert net.cfg.num_classes == 4 and net.class_names is None  # build_run then sets the data's names
     body = {k: v for k, v in old.state_dict().items() if not k.startswith("head.")}
@@ -85,17 +97,17 @@ def test_other_class_names_reinitialise_the_head_and_say_so(shapes, classes, tmp
 def test_same_classes_keep_or_reorder_the_head(shapes, classes, tmp_path, caplog):
     same = saved_model(tmp_path / "same", classes)
     with caplog.at_level(logging.INFO, logger="cvt"):
-        net = build_model(finetune_config(str(tmp_path / "same"), str(shapes)), classes)
+        net = model_to_train(finetune_config(str(tmp_path / "same"), str(shapes)), classes)
     assert torch.equal(net.head.weight, same.head.weight) and torch.equal(net.head.bias, same.head.bias)
     assert "head kept" in caplog.text
     shuffled = [classes[i] for i in (2, 0, 3, 1)]
     other = saved_model(tmp_path / "shuffled", shuffled)
-    net = build_model(finetune_config(str(tmp_path / "shuffled"), str(shapes)), classes)
+    net = model_to_train(finetune_config(str(tmp_path / "shuffled"), str(shapes)), classes)
     for row, name in enumerate(classes):  # data class `name` is row shuffled.index(name) of the old head
         assert torch.equal(net.head.weight[row], other.head.weight[shuffled.index(name)])
         assert torch.equal(net.head.bias[row], other.head.bias[shuffled.index(name)])
     saved_model(tmp_path / "fewer", classes[:3])
-    net = build_model(finetune_config(str(tmp_path / "fewer"), str(shapes)), classes)
+    net = model_to_train(finetune_config(str(tmp_path / "fewer"), str(shapes)), classes)
     assert net.head.weight.shape == (4, 48) and net.cfg.num_classes == 4  # what a saved file will record
 
 
@@ -113,7 +125,7 @@ def test_cli_finetunes_a_checkpoint_in_one_command(shapes, classes, tmp_path, ca
     assert summary["completed"] and summary["epochs_done"] == 1 and summary["global_step"] == 4
     assert "re-initialised head.weight, head.bias" in caplog.text
     recorded = json.loads((out / "config.json").read_text())
-    assert recorded["init"] == str(tmp_path / "pre") and recorded["optimizer"] == "sgd"
+    assert recorded["init"] == str(tmp_path / "pre") and recorded["optimizer"] == "adamw"
     assert recorded["layer_decay"] == 0.75
     groups = torch.load(out / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     # depths 1/1/1: stem, 3 blocks, head = layers 0-4; the head trains at the full rate, the stem at 0.75^4 of it
@@ -122,3 +134,21 @@ def test_cli_finetunes_a_checkpoint_in_one_command(shapes, classes, tmp_path, ca
     assert model.class_names == classes and model.data_config.input_size == (32, 32)
     assert model.data_config.crop_mode == "squash"
     assert main(["train", "--model", str(tmp_path / "pre")]) == 2  # no data: an error, not a traceback
+
+
+def test_cli_starts_a_registered_model_from_random_weights_offline(shapes, tmp_path, monkeypatch, capsys):
+    # before: `cvt train --model cvt_13` always fetched the released weights (twice: once for the data config)
+    from huggingface_hub import constants
+
+    from cvt.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    args = ["train", "--model", "cvt_13", "--data", str(shapes), "--output", str(out), "--set", "pretrained=false",
+            "--set", f"model_kwargs={TINY}", "--set", "input_size=32", "--set", "max_steps=1",
+            "--set", "num_workers=0", "--set", "progress=False"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 1
+    assert json.loads((out / "config.json").read_text())["pretrained"] is False
+    assert cvt.load_model(out / "last.pt").model_name == "cvt_13-custom"  # the run's weights, not released ones

@@ -76,11 +76,12 @@ def test_every_saved_folder_has_a_model_card(tmp_path):
 def test_released_weights_card_names_their_licence_and_data():
     meta = {"model_name": "cvt_21.in22k_ft_384", "model_config": CvTConfig(depths=(1, 4, 16)).to_dict(),
             "data_config": DataConfig(384, "squash", 1.0).to_dict(), "class_names": None}  # fmt: skip
-    _, _, _, entry = cvt.variants.resolve("cvt_21.in22k_ft_384")
+    entry = cvt.variants.identify(CvTConfig(depths=(1, 4, 16)), "cvt_21.in22k_ft_384").weights
     data = ModelCard(model_card(meta, format="hf", entry=entry)).data.to_dict()
     assert data["license"] == "mit" and data["datasets"] == ["imagenet-21k", "imagenet-1k"]
     # another head: no longer the released weights, so neither their licence nor their data
     other = {**meta, "model_config": CvTConfig(depths=(1, 4, 16), num_classes=10).to_dict()}
+    entry = cvt.variants.identify(CvTConfig(depths=(1, 4, 16), num_classes=10), "cvt_21.in22k_ft_384").weights
     data = ModelCard(model_card(other, format="hf", entry=entry)).data.to_dict()
     assert data["license"] == "unknown" and "datasets" not in data
 

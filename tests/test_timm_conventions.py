@@ -81,7 +81,7 @@ def test_list_models_filters_as_timm():
 
 def test_pretrained_cfg_is_timms_dict():
     with torch.device("meta"):  # the registered architectures, without computing their weights
-        model = cvt.create_model("cvt_13", num_classes=10)
+        model = cvt.create_model("cvt_13")
         big = cvt.create_model("cvt_21.in22k_ft_384").pretrained_cfg
         features = cvt.create_model("cvt_13", features_only=True)
     cfg = model.pretrained_cfg
@@ -90,10 +90,10 @@ def test_pretrained_cfg_is_timms_dict():
     assert (cfg["hf_hub_id"], cfg["file"], cfg["license"]) == ("microsoft/cvt-13", "CvT-13-224x224-IN-1k.pth", "mit")
     assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic"
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
-    assert cfg["num_classes"] == 10
+    assert cfg["num_classes"] == 1000
     # timm's first_conv / classifier name the modules (timm adapts in_chans and swaps heads through them)
     conv, head = model.get_submodule(cfg["first_conv"]), model.get_submodule(cfg["classifier"])
-    assert isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3 and head.out_features == 10
+    assert isinstance(conv, torch.nn.Conv2d) and conv.in_channels == 3 and head.out_features == 1000
     assert big["input_size"] == (3, 384, 384) and big["crop_pct"] == 1.0 and big["crop_mode"] == "squash"
     assert big["hf_hub_id"] == "microsoft/cvt-21-384-22k" and big["tag"] == "in22k_ft_384"
     assert features.pretrained_cfg["hf_hub_id"] == "microsoft/cvt-13" and features.pretrained_cfg["num_classes"] == 0
@@ -257,3 +257,42 @@ def test_resolve_data_config_and_create_transform():
     assert cvt.data.create_transform((3, 64, 48), is_training=True)(image).shape == (3, 64, 48)
     with pytest.raises(ValueError, match="border"):
         cvt.data.create_transform(224, crop_mode="border")
+
+
+# --- timm's head_hidden_size, global_pool="", set_input_size, pretrained_cfg_overlay, resolve_model_data_config ---
+
+
+@torch.no_grad()
+def test_no_pooling_applies_the_head_to_every_token():
+    torch.manual_seed(0)
+    pooled = cvt.create_model("cvt_13", **TINY).eval()
+    assert pooled.head_hidden_size == pooled.num_features == 48  # no pre-logits layer: the last stage's width
+    every = cvt.create_model("cvt_13", global_pool="", **TINY).eval()
+    every.load_state_dict(pooled.state_dict())
+    out = every(X)
+    grid = (X.shape[2] // 16) * (X.shape[3] // 16)  # strides 4, 2, 2
+    assert out.shape == (X.shape[0], 1 + grid, 10)  # timm's global_pool="": (B, tokens, classes)
+    torch.testing.assert_close(out[:, 0], pooled(X))  # the class token's row is the pooled model's logits
+    assert every.forward_head(every.forward_features(X), pre_logits=True).shape == (X.shape[0], 1 + grid, 48)
+
+
+def test_set_input_size_and_resolve_model_data_config():
+    model = cvt.create_model("cvt_13", **TINY)
+    model.set_input_size(96)
+    assert model.data_config.input_size == (96, 96) and model.pretrained_cfg["input_size"] == (3, 96, 96)
+    config = cvt.data.resolve_model_data_config(model)
+    assert config["input_size"] == (3, 96, 96) and config["crop_pct"] == 0.875 and config["interpolation"] == "bicubic"
+    model.set_input_size((96, 128))
+    assert cvt.data.resolve_model_data_config(model, args={"crop_pct": 1.0})["input_size"] == (3, 96, 128)
+
+
+def test_pretrained_cfg_overlay_reads_the_released_weights_from_a_file(model, tmp_path):
+    cvt.save_model(model, tmp_path / "local")
+    overlay = {"file": tmp_path / "local", "input_size": (3, 256, 256), "crop_pct": 1.0}
+    loaded = cvt.create_model("cvt_13", pretrained=True, pretrained_cfg_overlay=overlay, **TINY)
+    state = model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in loaded.state_dict().items())
+    random = cvt.create_model("cvt_13", pretrained_cfg_overlay={"input_size": (3, 256, 256), "crop_pct": 1.0}, **TINY)
+    assert random.data_config.input_size == (256, 256) and random.data_config.crop_pct == 1.0
+    with pytest.raises(ValueError, match=r"unknown pretrained_cfg_overlay key\(s\) \['url'\]"):
+        cvt.create_model("cvt_13", pretrained_cfg_overlay={"url": "https://example.org/w.pth"}, **TINY)

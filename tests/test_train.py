@@ -225,3 +225,25 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     for name in ("curves.png", "confusion.png", "eval.json", "best.pt", "metrics.csv", "summary.json"):
         assert (out / name).is_file() and str(out / name) in text, name
     assert text.count(": ") >= 4  # four predicted images with their guesses
+
+
+RUN_FROM_PYTHON = """
+import sys
+from cvt.train import TrainConfig, train
+train(TrainConfig(**{cfg}))
+"""
+
+
+def test_train_from_python_states_its_plan_and_reports_each_epoch(shapes, tmp_path):
+    # before: train(cfg) said nothing unless the caller configured logging; the CLI said only "4 step(s) per epoch"
+    import subprocess
+    import sys
+
+    cfg = {**tiny_config(shapes, tmp_path / "run", epochs=2, batch_size=4).to_dict(), "num_threads": 1}
+    proc = subprocess.run([sys.executable, "-c", RUN_FROM_PYTHON.replace("{cfg}", repr(cfg))], capture_output=True,
+                          text=True, timeout=300, check=True)  # fmt: skip
+    err = proc.stderr
+    # 32 images at batch 4: 8 steps an epoch, 16 in all; 32 images an epoch at 32x32
+    assert "at 32x32: 2 epoch(s) x 8 step(s) = 16 step(s) (16 to go), 32 image(s) per epoch" in err, err
+    assert "estimated time:" in err and "per epoch" in err and "for the 2 epoch(s) left" in err, err
+    assert "epoch 1/2" in err and "epoch 2/2" in err, err  # one line per epoch, counted from 1

@@ -6,7 +6,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cvt import create_model
-from cvt.engine import ModelEma, NonFiniteLossError, evaluate, per_class_accuracy, train_one_epoch
+from cvt.engine import (
+    EpochPlan,
+    Learner,
+    ModelEma,
+    NonFiniteLossError,
+    StepSettings,
+    evaluate,
+    per_class_accuracy,
+    train_one_epoch,
+)
 
 
 def tiny(**kw):
@@ -31,7 +40,7 @@ def test_a_few_steps_reduce_the_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for epoch in range(3):
         res = train_one_epoch(
-            model, loader, opt, criterion=nn.CrossEntropyLoss(), epoch=epoch, steps_per_epoch=len(loader)
+            Learner(model, opt, nn.CrossEntropyLoss()), loader, EpochPlan(epoch=epoch, steps_per_epoch=len(loader))
         )
         assert res.finished and res.step == 6 and res.global_step == 0 + 6
     after = evaluate(model, loader, num_classes=3)
@@ -49,8 +58,9 @@ def test_accumulation_equals_the_big_batch():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         loader = DataLoader(data, batch_size=batch, shuffle=False)
         res = train_one_epoch(
-            model, loader, opt, criterion=nn.CrossEntropyLoss(), epoch=0, steps_per_epoch=2, accum_steps=accum
-        )
+            Learner(model, opt, nn.CrossEntropyLoss()), loader, EpochPlan(epoch=0, steps_per_epoch=2),
+            StepSettings(accum_steps=accum),
+        )  # fmt: skip
         assert res.step == 2 and res.meter.samples == 16
         results.append((model.state_dict(), res.meter.loss))
     (sd_a, loss_a), (sd_b, loss_b) = results
@@ -64,16 +74,14 @@ def test_max_steps_and_start_step():
     model = tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = DataLoader(data, batch_size=4)
-    res = train_one_epoch(
-        model, loader, opt, criterion=nn.CrossEntropyLoss(), epoch=0, steps_per_epoch=8, global_step=10, max_steps=13
-    )
+    learner = Learner(model, opt, nn.CrossEntropyLoss())
+    res = train_one_epoch(learner, loader, EpochPlan(epoch=0, steps_per_epoch=8, global_step=10, max_steps=13))
     assert (res.step, res.global_step, res.finished) == (3, 13, False)
     # resuming at step 3: the loader is positioned by the caller, 5 steps remain
     rest = DataLoader(torch.utils.data.Subset(data, range(12, 32)), batch_size=4)
     res = train_one_epoch(
-        model, rest, opt, criterion=nn.CrossEntropyLoss(), epoch=0, steps_per_epoch=8, start_step=3, global_step=13,
-        meter=res.meter,
-    )  # fmt: skip
+        learner, rest, EpochPlan(epoch=0, steps_per_epoch=8, start_step=3, global_step=13, meter=res.meter)
+    )
     assert (res.step, res.global_step, res.finished, res.meter.steps) == (8, 18, True, 8)
 
 
@@ -84,8 +92,8 @@ def test_non_finite_loss_raises_with_step_and_value():
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at epoch 2, step 1 .*global step 6") as info:
         train_one_epoch(
-            model, DataLoader(data, batch_size=8), opt, criterion=nn.CrossEntropyLoss(), epoch=2, steps_per_epoch=2,
-            global_step=5,
+            Learner(model, opt, nn.CrossEntropyLoss()), DataLoader(data, batch_size=8),
+            EpochPlan(epoch=2, steps_per_epoch=2, global_step=5),
         )  # fmt: skip
     assert info.value.step == 1 and info.value.global_step == 6
 

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import CvTConfig, check_fields
+from .config import CvTConfig, reject_unknown_fields
 
 BASELINE = "cvt_13"
 
@@ -193,7 +193,7 @@ def ablation_config(
     base = base if base is not None else CvTConfig()
     if base.num_stages != 3:
         raise ValueError(f"the paper's ablations are defined for three stages; the base has {base.num_stages}")
-    check_fields(CvTConfig, extra, "CvTConfig")
+    reject_unknown_fields(CvTConfig, extra, "CvTConfig")
     overrides = {**ablation.overrides, **extra}
     if input_size is not None and "pos_embed_size" not in extra:
         overrides["pos_embed_size"] = tuple(input_size)

@@ -12,7 +12,7 @@ from typing import Any
 
 QKV_METHODS = ("dw_bn", "avg", "linear")
 ACTIVATIONS = ("quick_gelu", "gelu")
-GLOBAL_POOLS = (None, "token", "avg")
+GLOBAL_POOLS = (None, "token", "avg", "")
 # `CvTConfig` fields that do not change which weights fit or what the model computes in eval mode
 TRAINING_FIELDS = ("drop_path_rate", "drop_rate", "attn_drop_rate", "num_classes")
 
@@ -96,8 +96,9 @@ class CvTConfig:
         norm_eps: LayerNorm epsilon.
         in_chans: input channels.
         num_classes: classifier outputs; 0 for no head.
-        global_pool: what the head reads: "token" (the class token) or "avg" (the mean of the spatial tokens);
-            None for the official choice, "token" with a class token in the last stage, else "avg".
+        global_pool: what the head reads: "token" (the class token) or "avg" (the mean of the spatial tokens),
+            or "" for no pooling (timm's: the head applies to every token); None for the official choice, "token"
+            with a class token in the last stage, else "avg".
     """
 
     dims: tuple[int, ...] = (64, 192, 384)
@@ -163,7 +164,9 @@ class CvTConfig:
     @property
     def pool(self) -> str:
         """The head's pooling: `global_pool`, or the official choice when it is None."""
-        return self.global_pool or ("token" if self.cls_token[-1] else "avg")
+        if self.global_pool is not None:
+            return self.global_pool
+        return "token" if self.cls_token[-1] else "avg"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists)."""
@@ -172,7 +175,7 @@ class CvTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CvTConfig:
         """Build from `to_dict` output; unknown keys are an error naming them and the valid ones."""
-        check_fields(cls, data, "CvTConfig")
+        reject_unknown_fields(cls, data, "CvTConfig")
         return cls(**data)
 
 
@@ -224,7 +227,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataConfig:
-        check_fields(cls, data, "DataConfig")
+        reject_unknown_fields(cls, data, "DataConfig")
         return cls(**data)
 
 
@@ -308,7 +311,7 @@ def _normalise(cfg: CvTConfig, name: str, kind: type) -> None:
     object.__setattr__(cfg, name, values if name in _TUPLE_FIELDS else values[0])
 
 
-def check_fields(cls: type, data: dict[str, Any], what: str) -> None:
+def reject_unknown_fields(cls: type, data: dict[str, Any], what: str) -> None:
     """Raise a ValueError naming any key of `data` that is not a field of dataclass `cls`."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

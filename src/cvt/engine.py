@@ -1,8 +1,10 @@
-"""One training epoch and one evaluation pass, each a plain function of explicit arguments.
+"""One training epoch and one evaluation pass, each a plain function of a few explicit objects.
 
-`train_one_epoch` handles gradient accumulation, mixed precision (autocast; a GradScaler for fp16), gradient
-clipping, EMA, Mixup and the learning-rate schedule, and can start in the middle of an epoch and stop after a given
-number of optimiser steps (the training loop positions the data sampler; this function only counts).
+`train_one_epoch(learner, loader, plan, settings)` takes the run's model and what updates it (`Learner`), the
+data, where the epoch stands (`EpochPlan`) and how steps run (`StepSettings`). It handles gradient accumulation,
+mixed precision (autocast; a GradScaler for fp16), gradient clipping, EMA, Mixup and the learning-rate schedule,
+and can start in the middle of an epoch and stop after a given number of optimiser steps (the training loop
+positions the data sampler; this function only counts).
 `evaluate` returns loss, top-1/top-5 and the confusion matrix, summed over every process of a distributed run.
 """
 
@@ -128,58 +130,93 @@ def _set_fsdp_sync(model: nn.Module, sync: bool) -> None:
         model.set_requires_gradient_sync(sync)
 
 
+@dataclass
+class Learner:
+    """The run's model and what updates it: the state one training step reads and changes.
+
+    Attributes:
+        model: the model to train (possibly DDP/FSDP-wrapped or compiled).
+        optimizer: the optimiser.
+        criterion: loss of (logits, targets); targets are soft when `StepSettings.mixup` is given.
+        scheduler: object with `step(epoch, step_in_epoch)` setting the rate before each optimiser step.
+        scaler: GradScaler for float16 training.
+        ema: EMA updated after every optimiser step from `ema_source`.
+        ema_source: the unwrapped model the EMA follows (defaults to `model`).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scheduler: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    ema: ModelEma | None = None
+    ema_source: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each training step runs (the run's settings, the same every epoch).
+
+    Attributes:
+        device: where the batches go.
+        amp_dtype: autocast dtype (torch.bfloat16 or torch.float16), None for full precision.
+        accum_steps: micro-batches per optimiser step; the loss is divided by it.
+        clip_grad: max global gradient norm, None for no clipping.
+        channels_last: send images in channels-last memory format.
+        mixup: callable (images, targets) -> (images, soft targets), e.g. `cvt.data.Mixup`.
+    """
+
+    device: torch.device | str = "cpu"
+    amp_dtype: torch.dtype | None = None
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    channels_last: bool = False
+    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class EpochPlan:
+    """Which epoch to train and where it stands.
+
+    Attributes:
+        epoch: epoch index (from 0), for the schedule; messages and the progress bar count from 1.
+        steps_per_epoch: optimiser steps in a full epoch; leftover micro-batches that cannot fill an
+            accumulation are not used.
+        start_step: optimiser steps of this epoch already done (resume point).
+        global_step: optimiser steps of the run already done.
+        max_steps: stop once the run has done this many optimiser steps.
+        meter: running sums carried over from before a resume.
+        epochs: the run's number of epochs, for the progress bar ("epoch 3/10"), if known.
+    """
+
+    epoch: int
+    steps_per_epoch: int
+    start_step: int = 0
+    global_step: int = 0
+    max_steps: int | None = None
+    meter: EpochMeter | None = None
+    epochs: int | None = None
+
+
 def train_one_epoch(
-    model: nn.Module,
+    learner: Learner,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
+    plan: EpochPlan,
+    settings: StepSettings = StepSettings(),
     *,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    epoch: int,
-    steps_per_epoch: int,
-    scheduler: Any = None,
-    device: torch.device | str = "cpu",
-    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    amp_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    accum_steps: int = 1,
-    clip_grad: float | None = None,
-    ema: ModelEma | None = None,
-    ema_source: nn.Module | None = None,
-    channels_last: bool = False,
-    start_step: int = 0,
-    global_step: int = 0,
-    max_steps: int | None = None,
     should_stop: Callable[[], bool] | None = None,
-    meter: EpochMeter | None = None,
     progress: bool = False,
 ) -> EpochResult:
     """Train for (the rest of) one epoch.
 
     Args:
-        model: the model to train (possibly DDP/FSDP-wrapped or compiled); put in train mode here.
-        loader: yields (images, targets) micro-batches, already positioned at `start_step * accum_steps` batches
-            into the epoch's data order.
-        optimizer: the optimiser.
-        criterion: loss of (logits, targets); targets are soft when `mixup` is given.
-        epoch: epoch index (from 0), for the schedule and messages.
-        steps_per_epoch: optimiser steps in a full epoch; leftover micro-batches that cannot fill an
-            accumulation are not used.
-        scheduler: object with `step(epoch, step_in_epoch)` setting the rate before each optimiser step.
-        device: where the batches go.
-        mixup: callable (images, targets) -> (images, soft targets), e.g. `cvt.data.Mixup`.
-        amp_dtype: autocast dtype (torch.bfloat16 or torch.float16), None for full precision.
-        scaler: GradScaler for float16 training.
-        accum_steps: micro-batches per optimiser step; the loss is divided by it.
-        clip_grad: max global gradient norm, None for no clipping.
-        ema: EMA updated after every optimiser step from `ema_source`.
-        ema_source: the unwrapped model the EMA follows (defaults to `model`).
-        channels_last: send images in channels-last memory format.
-        start_step: optimiser steps of this epoch already done (resume point).
-        global_step: optimiser steps of the run already done.
-        max_steps: stop once the run has done this many optimiser steps.
+        learner: the model (put in train mode here), optimiser, loss, schedule, scaler and EMA.
+        loader: yields (images, targets) micro-batches, already positioned at `plan.start_step *
+            settings.accum_steps` batches into the epoch's data order.
+        plan: the epoch, its length and where it stands.
+        settings: device, precision, accumulation, clipping, memory format and Mixup.
         should_stop: called after every optimiser step that does not end the epoch; True stops there (e.g. on a
             pre-emption signal; under DDP it must give the same answer on every process).
-        meter: running sums carried over from before a resume.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -188,81 +225,102 @@ def train_one_epoch(
     Raises:
         NonFiniteLossError: the loss was NaN or infinite (checked on every micro-batch, on every process).
     """
-    model.train()
-    device = torch.device(device)
-    meter = meter or EpochMeter()
-    distributed = _is_distributed()
-    world = dist.get_world_size() if distributed else 1
-    result = EpochResult(meter=meter, step=start_step, global_step=global_step)
-    if start_step >= steps_per_epoch:
+    learner.model.train()
+    device = torch.device(settings.device)
+    world = dist.get_world_size() if _is_distributed() else 1
+    result = EpochResult(meter=plan.meter or EpochMeter(), step=plan.start_step, global_step=plan.global_step)
+    if plan.start_step >= plan.steps_per_epoch:
         result.finished = True
         return result
-    bar = None
-    if progress:
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = _progress_bar(plan) if progress else None
     micro, step_loss = 0, torch.zeros((), device=device)
     started = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+    learner.optimizer.zero_grad(set_to_none=True)
     for images, targets in loader:
-        if micro == 0 and scheduler is not None:
-            result.lr = scheduler.step(epoch, result.step)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        last_micro = micro == accum_steps - 1
-        _set_fsdp_sync(model, last_micro)
-        with contextlib.nullcontext() if last_micro else _no_grad_sync(model):
-            with _autocast(device, amp_dtype):
-                loss = criterion(model(images), targets)
-            _check_finite(loss, epoch, result, distributed)
-            scaled = loss / accum_steps
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        step_loss += loss.detach().float() / accum_steps
+        if micro == 0 and learner.scheduler is not None:
+            result.lr = learner.scheduler.step(plan.epoch, result.step)
         micro += 1
+        last_micro = micro == settings.accum_steps
+        step_loss += _forward_backward(learner, settings, images, targets, last_micro, (plan.epoch, result))
         if not last_micro:
             continue
-        if scaler is not None:
-            if clip_grad is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(ema_source if ema_source is not None else model)
-        if distributed:
+        _optimizer_step(learner, settings.clip_grad)
+        if world > 1:
             dist.all_reduce(step_loss)
             step_loss /= world
         loss_value = step_loss.item()
         micro, step_loss = 0, torch.zeros((), device=device)
-        meter.loss_sum += loss_value
-        meter.steps += 1
-        meter.samples += images.shape[0] * accum_steps * world
+        result.meter.loss_sum += loss_value
+        result.meter.steps += 1
+        result.meter.samples += images.shape[0] * settings.accum_steps * world
         result.step += 1
         result.global_step += 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{result.lr:.3g}")
-        if result.step >= steps_per_epoch:
-            result.finished = True
+        if result.step >= plan.steps_per_epoch:
             break
-        if max_steps is not None and result.global_step >= max_steps:
+        if plan.max_steps is not None and result.global_step >= plan.max_steps:
             break
         if should_stop is not None and should_stop():
             break
-    meter.seconds += time.perf_counter() - started
+    result.meter.seconds += time.perf_counter() - started
     if bar is not None:
         bar.close()
-    if not result.finished and result.step >= steps_per_epoch:
-        result.finished = True
+    result.finished = result.step >= plan.steps_per_epoch
     return result
+
+
+def _progress_bar(plan: EpochPlan) -> tqdm:
+    """The epoch's bar, counting epochs from 1 as the log does ("epoch 3/10")."""
+    label = f"epoch {plan.epoch + 1}" + (f"/{plan.epochs}" if plan.epochs else "")
+    return tqdm(total=plan.steps_per_epoch, initial=plan.start_step, desc=label, leave=False, dynamic_ncols=True)
+
+
+def _forward_backward(
+    learner: Learner,
+    settings: StepSettings,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    last_micro: bool,
+    where: tuple[int, EpochResult],
+) -> torch.Tensor:
+    """One micro-batch's loss and gradients (synchronised across processes on the last micro-batch of a step);
+    returns its share of the step's loss. `where` is (epoch, result so far), for the non-finite loss message."""
+    device = torch.device(settings.device)
+    images = images.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if settings.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if settings.mixup is not None:
+        images, targets = settings.mixup(images, targets)
+    model = learner.model
+    _set_fsdp_sync(model, last_micro)
+    with contextlib.nullcontext() if last_micro else _no_grad_sync(model):
+        with _autocast(device, settings.amp_dtype):
+            loss = learner.criterion(model(images), targets)
+        _check_finite(loss, where[0], where[1], _is_distributed())
+        scaled = loss / settings.accum_steps
+        (learner.scaler.scale(scaled) if learner.scaler is not None else scaled).backward()
+    return loss.detach().float() / settings.accum_steps
+
+
+def _optimizer_step(learner: Learner, clip_grad: float | None) -> None:
+    """Clip (after unscaling), step the optimiser (through the scaler, for float16), clear the gradients and
+    update the EMA."""
+    optimizer, scaler = learner.optimizer, learner.scaler
+    if scaler is not None and clip_grad is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        nn.utils.clip_grad_norm_(learner.model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if learner.ema is not None:
+        learner.ema.update(learner.ema_source if learner.ema_source is not None else learner.model)
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, result: EpochResult, distributed: bool) -> None:

@@ -3,8 +3,8 @@
 `create_model("cvt_13", num_classes=100)` builds a registered variant (`cvt.variants`), with released weights from
 the Hugging Face hub (`cvt.hub`) or any checkpoint (`cvt.checkpoint`) when `pretrained` is given;
 `load_model(path)` builds whatever architecture a checkpoint records or its weights imply; `resolve_model(spec)`
-does either for a command line's PATH_OR_NAME. Every model comes back with its metadata set (`CvT.model_name`,
-`data_config`, `class_names`, `pretrained_cfg`).
+does either for a command line's PATH_OR_NAME. Every model comes back with its identity decided once, by
+`cvt.variants.identify` (`CvT.identity`: name, released weights it still is, data config, class names).
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, CheckpointError, infer_config, load_state_dict_strict, read_checkpoint
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, load_state_dict_strict, read_checkpoint
 from .checkpoint.infer import check_config_fits
-from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
+from .checkpoint.infer import infer_config as _infer_from_weights
+from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, reject_unknown_fields
 from .features import CvTFeatures
 from .hub import download_weights
 from .model import CvT
-from .variants import find_official_file, imagenet_classes, match_variant, model_config, resolve, variant_model_name
+from .variants import VARIANTS, find_official_file, identify, match_variant, model_config, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ def create_model(
     out_indices: int | Sequence[int] = (0, 1, 2),
     global_pool: str | None = None,
     checkpoint_path: str | os.PathLike | None = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> CvT | CvTFeatures:
     """Build a registered CvT variant.
@@ -52,29 +56,65 @@ def create_model(
             None for the variant's (the class token). timm's argument; `CvTConfig.global_pool`.
         checkpoint_path: a checkpoint (any supported format) to load into the created model, as timm's
             argument: the same as `pretrained=checkpoint_path`, and it wins over `pretrained`.
+        pretrained_cfg_overlay: timm's argument: changes to the released weights' entry, e.g. {"file": PATH} (the
+            same weights from a local file, with `pretrained=True`), {"hf_hub_id": REPO}, or the evaluation
+            preprocessing ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"; a file that records
+            its own keeps it).
         **overrides: `CvTConfig` fields to change, e.g. `act="gelu"`, `qkv_method="linear"`, `drop_path_rate=0.2`.
 
     Returns:
-        The model, with `data_config` (evaluation preprocessing), `class_names` (None for random init),
-        `model_name` and `pretrained_cfg` attributes; loaded weights come in eval mode.
+        The model, with its `identity` (`cvt.variants.identify`): `model_name`, `data_config` (evaluation
+        preprocessing), `class_names` (ImageNet-1k's on a 1000-class head) and `pretrained_cfg` read it; loaded
+        weights come in eval mode.
     """
     if checkpoint_path is not None:
         pretrained = checkpoint_path
     if global_pool is not None:
         overrides["global_pool"] = global_pool
-    if features_only:
-        return CvTFeatures(create_model(name, num_classes=num_classes, pretrained=pretrained, **overrides), out_indices)
-    arch, _, tag, pretrained_cfg = resolve(name)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    arch, _, tag, weights = resolve(name)
+    weights, local = _overlay(weights, pretrained_cfg_overlay or {})
     cfg = model_config(name, **overrides)
     if pretrained:
-        return load_pretrained(cfg, pretrained_cfg, pretrained, num_classes=num_classes, model_name=f"{arch}.{tag}")
-    model = CvT(cfg)
-    model.model_name = variant_model_name(f"{arch}.{tag}", cfg)
-    model.data_config = pretrained_cfg.data
-    model.pretrained_entry = pretrained_cfg
-    return model
+        if pretrained is True:
+            local = local or download_weights(weights.hf_hub_id, official_file=weights.official_file)
+            ckpt = read_checkpoint(local)
+        else:
+            ckpt = read_checkpoint(pretrained)
+        # the released weights are what the name says; a file of ours says what it is
+        named = f"{arch}.{tag}" if pretrained is True or ckpt.model_name is None else ckpt.model_name
+        model = model_from_checkpoint(ckpt, cfg, num_classes=num_classes, name=named, data=weights.data)
+    else:
+        model = CvT(cfg)
+        # the variant's own 1000-class head is ImageNet's, even before its weights are loaded; a narrowed model's is not
+        model.identity = identify(cfg, f"{arch}.{tag}", data=weights.data, imagenet_head=match_variant(cfg) == arch)
+    return CvTFeatures(model, out_indices) if features_only else model
+
+
+OVERLAY_KEYS = ("file", "hf_hub_id", "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+
+
+def _overlay(weights: PretrainedCfg, overlay: dict[str, Any]) -> tuple[PretrainedCfg, Path | None]:
+    """(the released weights' entry with timm's `pretrained_cfg_overlay` applied, the local file it names)."""
+    unknown = sorted(set(overlay) - set(OVERLAY_KEYS))
+    if unknown:
+        raise ValueError(f"unknown pretrained_cfg_overlay key(s) {unknown}; valid keys: {list(OVERLAY_KEYS)}")
+    data = {k: v for k, v in overlay.items() if k in OVERLAY_KEYS[2:]}
+    if "input_size" in data:
+        data["input_size"] = tuple(data["input_size"])[-2:]  # timm's (C, H, W)
+    hub = {"hf_hub_id": overlay["hf_hub_id"]} if "hf_hub_id" in overlay else {}
+    weights = dataclasses.replace(weights, data=dataclasses.replace(weights.data, **data), **hub)
+    return weights, Path(overlay["file"]) if overlay.get("file") else None
+
+
+def infer_config(
+    state_dict: dict[str, torch.Tensor], known: dict[str, Any] | None = None, *, source: str | os.PathLike = "weights"
+) -> tuple[CvTConfig, str | None, bool]:
+    """The architecture of weights that record none (`cvt.checkpoint.infer.infer_config`), a registered variant's
+    whole config where they fit one: (config, variant name or None, whether the heads were guessed)."""
+    variants = {name: cfg for name, (cfg, _) in VARIANTS.items()}
+    return _infer_from_weights(state_dict, known, variants, source=source)
 
 
 def _check_same_architecture(file_cfg: CvTConfig, cfg: CvTConfig, ckpt: Checkpoint) -> None:
@@ -91,37 +131,16 @@ def _check_same_architecture(file_cfg: CvTConfig, cfg: CvTConfig, ckpt: Checkpoi
         )
 
 
-def build_model(
-    ckpt: Checkpoint,
-    cfg: CvTConfig | None = None,
-    *,
-    num_classes: int | None = None,
-    pretrained_cfg: PretrainedCfg | None = None,
-    model_name: str | None = None,
-    **overrides: Any,
-) -> CvT:
-    """A `CvT` holding the weights of `ckpt`.
-
-    Args:
-        ckpt: from `read_checkpoint`.
-        cfg: the architecture; None to take it from the file, or infer it from the weights.
-        num_classes: classifier outputs; None keeps the file's head. Another size re-initialises the head.
-        pretrained_cfg: released-weights entry (its evaluation preprocessing is used when the file has none).
-        model_name: name to record on the model.
-        **overrides: `CvTConfig` fields changed on the file's architecture, e.g. `act="gelu"`.
-
-    Returns:
-        The model in eval mode, with `data_config`, `class_names`, `model_name` and `pretrained_cfg` attributes.
-    """
-    check_fields(CvTConfig, overrides, "CvTConfig")
-    inferred_name = None
+def _file_architecture(ckpt: Checkpoint, cfg: CvTConfig | None, overrides: dict[str, Any]) -> CvTConfig:
+    """The architecture to build for `ckpt`: `cfg` (checked against what the file records), the file's, or the one
+    its weights imply; with `overrides` applied and the head the file holds."""
     if cfg is not None:
         if ckpt.config is not None:
             _check_same_architecture(ckpt.config, cfg, ckpt)
     elif ckpt.config is not None:
         cfg = ckpt.config
     else:
-        cfg, inferred_name, guessed = infer_config(ckpt.state_dict, overrides, source=ckpt.source)
+        cfg, _, guessed = infer_config(ckpt.state_dict, overrides, source=ckpt.source)
         if guessed:
             logger.warning(
                 "%s does not record the attention heads; assuming 64 channels per head: heads=%s. Pass heads=... "
@@ -129,19 +148,52 @@ def build_model(
                 ckpt.source,
                 cfg.heads,
             )
-    cfg = dataclasses.replace(cfg, **overrides)
     head = ckpt.state_dict.get("head.weight")
-    file_classes = head.shape[0] if head is not None else 0
-    cfg = dataclasses.replace(cfg, num_classes=file_classes if num_classes is None else num_classes)
+    return dataclasses.replace(cfg, **overrides, num_classes=head.shape[0] if head is not None else 0)
 
-    state = dict(ckpt.state_dict)
-    allow_missing: set[str] = set()
-    class_names = ckpt.class_names
-    if cfg.num_classes != file_classes:
+
+def _class_names(ckpt: Checkpoint, num_classes: int) -> list[str] | None:
+    """The class names `ckpt` records, if they fit its head."""
+    names = ckpt.class_names
+    if names is not None and len(names) != num_classes:
+        logger.warning("%s lists %d class names for %d classes; ignoring them", ckpt.source, len(names), num_classes)
+        return None
+    return names
+
+
+def model_from_checkpoint(
+    ckpt: Checkpoint,
+    cfg: CvTConfig | None = None,
+    *,
+    num_classes: int | None = None,
+    name: str | None = None,
+    data: DataConfig | None = None,
+    **overrides: Any,
+) -> CvT:
+    """A `CvT` holding the weights of `ckpt` (from `read_checkpoint`), with its identity (`cvt.variants.identify`).
+
+    Args:
+        ckpt: from `read_checkpoint`.
+        cfg: the architecture; None to take it from the file, or infer it from the weights.
+        num_classes: classifier outputs; None keeps the file's head. Another size re-initialises the head.
+        name: the registered `name.tag` the weights were asked for as; None for what the file records (the
+            authors' file: what its file name says).
+        data: the evaluation preprocessing of the weights asked for, used when the file records none.
+        **overrides: `CvTConfig` fields changed on the file's architecture, e.g. `act="gelu"`.
+
+    Returns:
+        The model in eval mode, with its `identity` (`model_name`, `data_config`, `class_names`, `pretrained_cfg`).
+    """
+    reject_unknown_fields(CvTConfig, overrides, "CvTConfig")
+    file_cfg = _file_architecture(ckpt, cfg, overrides)
+    cfg = file_cfg if num_classes is None else dataclasses.replace(file_cfg, num_classes=num_classes)
+    state, allow_missing = dict(ckpt.state_dict), set()
+    class_names = _class_names(ckpt, file_cfg.num_classes)
+    if cfg.num_classes != file_cfg.num_classes:
         logger.info(
             "re-initialising the classifier head: %s has %d classes, the model %d",
             ckpt.source,
-            file_classes,
+            file_cfg.num_classes,
             cfg.num_classes,
         )
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -156,25 +208,17 @@ def build_model(
     model = CvT(cfg)
     load_state_dict_strict(model, state, source=source, allow_missing=allow_missing)
     model.eval()
-
-    variant = match_variant(cfg)
-    found = find_official_file(ckpt.source.name) if ckpt.format == "official" else None
-    if found and found[0].partition(".")[0] == variant:  # the authors' file name tells 224 from 384 weights
-        model_name, pretrained_cfg = found
-    if pretrained_cfg is None and variant is not None:
-        _, _, tag, pretrained_cfg = resolve(variant)
-        inferred_name = f"{variant}.{tag}"
-    if class_names is None and ckpt.format in ("official", "hf") and cfg.num_classes == 1000 == file_classes:
-        class_names = imagenet_classes()
-    if class_names is not None and len(class_names) != cfg.num_classes:
-        logger.warning(
-            "%s lists %d class names for %d classes; ignoring them", ckpt.source, len(class_names), cfg.num_classes
-        )
-        class_names = None
-    model.pretrained_entry = pretrained_cfg
-    model.data_config = ckpt.data_config or (pretrained_cfg.data if pretrained_cfg else DataConfig())
-    model.class_names = class_names
-    model.model_name = variant_model_name(model_name or ckpt.model_name or inferred_name or "cvt_custom", cfg)
+    if ckpt.format == "official":  # the authors' file name tells 224 from 384 weights
+        found = find_official_file(ckpt.source.name)
+        name = found[0] if found and match_variant(cfg) == found[0].partition(".")[0] else name
+    kept_head = cfg.num_classes == file_cfg.num_classes
+    model.identity = identify(
+        cfg,
+        name or ckpt.model_name,
+        data=ckpt.data_config or data,
+        class_names=class_names,
+        imagenet_head=kept_head and ckpt.format in ("official", "hf"),
+    )
     return model
 
 
@@ -193,32 +237,7 @@ def load_model(path: str | os.PathLike, *, num_classes: int | None = None, ema: 
         The model in eval mode, with `data_config`, `class_names` (ImageNet-1k names for the released 1000-class
         weights) and `model_name` attributes.
     """
-    return build_model(read_checkpoint(path, ema=ema), num_classes=num_classes, **overrides)
-
-
-def load_pretrained(
-    cfg: CvTConfig,
-    pretrained_cfg: PretrainedCfg,
-    pretrained: bool | str | os.PathLike,
-    num_classes: int | None = None,
-    model_name: str | None = None,
-) -> CvT:
-    """`create_model(name, pretrained=...)`: the named architecture with released or given weights.
-
-    Args:
-        cfg: the architecture (the variant's, with the caller's overrides).
-        pretrained_cfg: the variant's released weights.
-        pretrained: True for the released weights (Hugging Face hub or its cache), or a checkpoint path.
-        num_classes: classifier outputs; None keeps the file's head.
-        model_name: name.tag to record on the model.
-    """
-    if pretrained is True:
-        path = download_weights(pretrained_cfg.hf_hub_id, official_file=pretrained_cfg.official_file)
-    else:
-        path = Path(pretrained)
-    ckpt = read_checkpoint(path)
-    name = model_name if pretrained is True or ckpt.model_name is None else ckpt.model_name
-    return build_model(ckpt, cfg, num_classes=num_classes, pretrained_cfg=pretrained_cfg, model_name=name)
+    return model_from_checkpoint(read_checkpoint(path, ema=ema), num_classes=num_classes, **overrides)
 
 
 def resolve_model(spec: str | os.PathLike, **kwargs: Any) -> CvT:
@@ -241,4 +260,4 @@ def resolve_model(spec: str | os.PathLike, **kwargs: Any) -> CvT:
     return create_model(str(spec), pretrained=True, **kwargs)
 
 
-__all__ = ["build_model", "create_model", "load_model", "load_pretrained", "resolve_model"]
+__all__ = ["create_model", "infer_config", "load_model", "model_from_checkpoint", "resolve_model"]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .model import CvT
-from .timm_interface import PretrainedCfgMixin, take_indices
+from .timm_interface import PretrainedCfgMixin, run_stages, take_indices
 
 
 def _normalise_indices(out_indices: int | Sequence[int], num_stages: int) -> tuple[int, ...]:
@@ -90,8 +90,7 @@ class CvTFeatures(PretrainedCfgMixin, nn.Module):
         feature_info: a `FeatureInfo` (timm's): `channels()`, `reduction()`, `module_name()`, `get_dicts()` of the
             selected stages; one dict per stage kept (`num_chs`, `reduction`, `module`, `index`).
         cfg: the architecture of the source model.
-        model_name, data_config, pretrained_entry: the source model's (see `CvT`; `pretrained_cfg` is timm's
-            dict); `class_names` is None, since a backbone has no classes.
+        identity: the source model's (see `CvT`), without class names, since a backbone has no classes.
     """
 
     def __init__(self, model: CvT, out_indices: int | Sequence[int] = (0, 1, 2)) -> None:
@@ -100,9 +99,7 @@ class CvTFeatures(PretrainedCfgMixin, nn.Module):
         self.out_indices = _normalise_indices(out_indices, len(model.stages))
         self.stages = model.stages[: max(self.out_indices) + 1]
         self.feature_info = FeatureInfo(model.feature_info[: len(self.stages)], self.out_indices)
-        self.model_name, self.data_config = model.model_name, model.data_config
-        self.pretrained_entry = model.pretrained_entry
-        self.class_names: list[str] | None = None
+        self.identity = model.identity.replace(class_names=None)
 
     def channels(self) -> list[int]:
         """Channels of each returned map."""
@@ -119,12 +116,9 @@ class CvTFeatures(PretrainedCfgMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, C, H, W) -> the selected stage maps, each (B, C_i, H_i, W_i) with H_i ≈ H / reduction_i."""
-        maps = []
-        for i, stage in enumerate(self.stages):
-            x = stage.to_map(*stage(x))  # (B, prefix + HW, C) -> (B, C, H, W); the class token is dropped
-            if i in self.out_indices:
-                maps.append(x)
-        return maps
+        outputs = enumerate(zip(self.stages, run_stages(self.stages, x), strict=True))
+        # (B, prefix + HW, C) -> (B, C, H, W); the class token is dropped
+        return [stage.to_map(tokens, hw) for i, (stage, (tokens, hw)) in outputs if i in self.out_indices]
 
 
 def filter_state_dict(state_dict: dict[str, torch.Tensor], features: CvTFeatures) -> dict[str, torch.Tensor]:

@@ -20,6 +20,25 @@ import torch
 
 # a full disk, an exhausted quota, no permission, a read-only file system: said with the file's own name
 NAMED_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# what to do about each; the one wording of a failed write, for every writer (`write_error`)
+WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space (old runs, checkpoints) or choose another output",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose another output",
+    errno.EACCES: "no permission to write there: fix the directory's permissions or choose another output",
+    errno.EPERM: "no permission to write there: fix the directory's permissions or choose another output",
+    errno.EROFS: "the file system is read-only: choose another output",
+    errno.ENOTDIR: "a file stands where a directory is needed: choose another output",
+    errno.EEXIST: "a file stands where a directory is needed: choose another output",
+}
+
+
+def write_error(target: str | os.PathLike, err: OSError, kept: str = "") -> OSError:
+    """`err` said once for every writer: "cannot write TARGET: <cause> (<what to do>)[; KEPT]", of the same type
+    and errno; an error already said so is returned as it is."""
+    if str(err.strerror or "").startswith("cannot write "):
+        return err
+    hint = WRITE_HINTS.get(err.errno, "check the disk and the directory")
+    return type(err)(err.errno, f"cannot write {target}: {err.strerror} ({hint})" + (f"; {kept}" if kept else ""))
 
 
 def _umask() -> int:
@@ -62,7 +81,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(err, OSError) and err.errno in NAMED_ERRORS and str(path) not in str(err):
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err  # the file, not the temp
+            raise write_error(path, err) from err  # the file, not the temporary one
         raise
 
 

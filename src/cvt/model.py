@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import CvTConfig, DataConfig, PretrainedCfg
+from .config import CvTConfig
+from .identity import ModelIdentity
 from .shapes import check_size, conv_out_size, stage_grid
-from .timm_interface import TimmInterface
+from .timm_interface import TimmInterface, run_stages
 
 
 class _QuickGELUFunction(torch.autograd.Function):
@@ -338,23 +339,18 @@ class CvT(TimmInterface, nn.Module):
 
     Attributes:
         cfg: the architecture.
-        model_name: registered `name.tag`, the name a checkpoint recorded, or None.
-        data_config: the evaluation preprocessing the weights expect; default the ImageNet 224 protocol.
-        class_names: one name per class, or None when unknown.
-        pretrained_entry: the released weights the model's name refers to, or None (`pretrained_cfg` is timm's
-            dict describing the model; assigning it a `PretrainedCfg` sets this).
+        identity: who the model is (`cvt.identity.ModelIdentity`, decided by `cvt.variants.identify`): its name,
+            the released weights it still is, its evaluation preprocessing and class names; `model_name`,
+            `pretrained_entry`, `data_config`, `class_names` and timm's `pretrained_cfg` read it.
     """
 
     def __init__(self, cfg: CvTConfig) -> None:
         super().__init__()
         check_size(cfg)  # an absurd architecture is refused before any tensor is made (CVT_MAX_PARAMS)
         self.cfg = cfg
-        self.model_name: str | None = None
-        self.data_config = DataConfig()
-        self.class_names: list[str] | None = None
-        self.pretrained_entry: PretrainedCfg | None = None
+        self.identity = ModelIdentity()
         self.num_classes = cfg.num_classes
-        self.num_features = cfg.dims[-1]
+        self.num_features = self.head_hidden_size = cfg.dims[-1]  # timm's names: no pre-logits layer here
         stages, in_chans, reduction = [], cfg.in_chans, 1
         self.feature_info: list[dict[str, Any]] = []
         for i in range(cfg.num_stages):
@@ -409,16 +405,26 @@ class CvT(TimmInterface, nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one for `num_classes` outputs (0 for none), and its pooling
-        if `global_pool` is given ("token" or "avg", see `CvTConfig`). `cfg` follows, so what is saved from the
-        model records the new head, and the old class names are dropped."""
+        if `global_pool` is given ("token", "avg" or "" for none, see `CvTConfig`). `cfg` follows, so what is saved
+        from the model records the new head; the old class names are dropped, and with them any claim to released
+        weights (the name loses its weights tag: "cvt_13.in1k" -> "cvt_13")."""
         self.num_classes = num_classes
         pool = {"global_pool": global_pool} if global_pool is not None else {}
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, **pool)
-        self.class_names = None
+        name = self.identity.name
+        if self.identity.weights is not None and name is not None:
+            name = name.partition(".")[0]
+        self.identity = self.identity.replace(name=name, weights=None, class_names=None)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             self.head.to(self.norm.weight.device, self.norm.weight.dtype)
+
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """timm's method, for the evaluation size the model records (`data_config.input_size`): a CvT runs at any
+        size already (no fixed grid; position embeddings, when enabled, are resampled on the fly)."""
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.data_config = dataclasses.replace(self.data_config, input_size=size)
 
     def forward_features(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised last-stage tokens (B, prefix + HW, C), class token first.
@@ -426,17 +432,17 @@ class CvT(TimmInterface, nn.Module):
         With `class_token_only` (and a class token in the last stage) the result is (B, 1, C): the last block
         computes the class token's query, attention row and MLP alone, since no other output row reaches it.
         """
-        for stage in self.stages[:-1]:
-            x = stage.to_map(*stage(x))
-        tokens, _ = self.stages[-1](x, prefix_only=class_token_only)
+        *_, (tokens, _) = run_stages(self.stages, x, prefix_only=class_token_only)
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens from `forward_features` -> logits (B, classes), or pooled features with `pre_logits`."""
+        """Tokens from `forward_features` -> logits (B, classes), or pooled features with `pre_logits`; with
+        `global_pool=""` nothing is pooled (timm's): (B, prefix + HW, classes or C)."""
         # official: the class token if the last stage has one, else the mean of the tokens (`cfg.global_pool`
         # chooses); never squeezed, so a batch of 1 stays (1, classes) unlike the official head
-        prefix = self.stages[-1].num_prefix_tokens
-        x = x[:, 0] if self.cfg.pool == "token" else x[:, prefix:].mean(dim=1)
+        pool, prefix = self.cfg.pool, self.stages[-1].num_prefix_tokens
+        if pool:
+            x = x[:, 0] if pool == "token" else x[:, prefix:].mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,24 +12,26 @@ its models document them:
   stage's token embedding (and class token) shares the group of its first block; the first stage's embedding is
   the stem, a group of its own, and the final norm joins the last block.
 - `layer_ids` numbers those groups 0, 1, ... in that order (timm's `group_parameters(..., reverse=True)`), which is
-  what layer-wise learning-rate decay scales by (`cvt.optim.param_groups`).
+  what layer-wise learning-rate decay scales by (`cvt.train.optimizer.param_groups`).
 - `indices` of `forward_intermediates` / `prune_intermediate_layers`: None for every stage, an int n for the last
   n, a sequence for those stages (negative counts from the end); out of range is an error (timm's
   `feature_take_indices`).
-- `pretrained_cfg` (and its alias `default_cfg`) is a dict with timm's keys, describing this model: its evaluation
-  protocol (`data_config`), its head, and the released weights its name refers to (`pretrained_entry`).
+- `pretrained_cfg` (and its alias `default_cfg`) is a dict with timm's keys, describing this model as its
+  `identity` says: its evaluation protocol, its head, and the released weights it still is (none once its head,
+  activation or architecture departs from theirs: no hub id, file, tag or licence of theirs then).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import DataConfig, PretrainedCfg
+from .identity import ModelIdentity
 
 MATCH_PREV_GROUP = 99999  # a group suffix meaning "the same group as the one before"
 OUTPUT_FORMATS = ("NCHW", "NLC")
@@ -59,21 +61,30 @@ def take_indices(num_stages: int, indices: int | Sequence[int] | None) -> tuple[
     return taken, max(taken)
 
 
-def pretrained_cfg_dict(
-    entry: PretrainedCfg | None,
-    model_name: str | None,
-    data: DataConfig,
-    num_classes: int,
-    class_names: Sequence[str] | None,
-) -> dict[str, Any]:
-    """timm's pretrained_cfg dict for a model with this metadata (see the module docstring)."""
-    architecture, _, tag = (model_name or "cvt_custom").partition(".")
-    entry = entry if tag else None  # a custom model ("cvt_13-custom") has none of the released weights
+def run_stages(
+    stages: Sequence[nn.Module], x: torch.Tensor, prefix_only: bool = False
+) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Images (B, C, H, W) through `stages` in order: yields each stage's tokens (B, prefix + HW, C) and grid (H, W);
+    the next stage reads their map (`Stage.to_map`, class token dropped). With `prefix_only` the last stage
+    computes its class tokens' rows alone, (B, prefix, C). The one stage loop of the model, its backbone and
+    `forward_intermediates`."""
+    last = len(stages) - 1
+    for i, stage in enumerate(stages):
+        tokens, hw = stage(x, prefix_only=prefix_only and i == last)
+        yield tokens, hw
+        if i < last:
+            x = stage.to_map(tokens, hw)
+
+
+def pretrained_cfg_dict(identity: ModelIdentity, num_classes: int) -> dict[str, Any]:
+    """timm's pretrained_cfg dict for a model of this identity (see the module docstring)."""
+    architecture, _, tag = (identity.name or "cvt_custom").partition(".")
+    weights, data, names = identity.weights, identity.data, identity.class_names
     return {
         "architecture": architecture,
-        "tag": tag or None,
-        "hf_hub_id": entry.hf_hub_id if entry else None,
-        "file": entry.official_file if entry else None,
+        "tag": (tag or None) if weights else None,
+        "hf_hub_id": weights.hf_hub_id if weights else None,
+        "file": weights.official_file if weights else None,
         "url": None,
         "input_size": (3, *data.input_size),
         "interpolation": data.interpolation,
@@ -82,30 +93,64 @@ def pretrained_cfg_dict(
         "mean": data.mean,
         "std": data.std,
         "num_classes": num_classes,
-        "label_names": list(class_names) if class_names is not None else None,
+        "label_names": list(names) if names is not None else None,
         "first_conv": "stages.0.patch_embed.proj",
         "classifier": "head",
-        "license": entry.license if entry else None,
+        "license": weights.license if weights else None,
         **PAPER,
     }
 
 
 class PretrainedCfgMixin:
-    """`pretrained_cfg` and `default_cfg` as timm's dict, from `pretrained_entry`, `model_name`, `data_config`,
-    `num_classes` and `class_names`. Assigning `pretrained_cfg` a `PretrainedCfg` (or None) sets
-    `pretrained_entry`."""
+    """A model's identity (`cvt.identity.ModelIdentity`, in `identity`) and the attributes that read it:
+    `model_name`, `data_config`, `class_names`, `pretrained_entry` (the released weights it still is), and
+    `pretrained_cfg` / `default_cfg` as timm's dict. Assigning one of them replaces that part of `identity`;
+    assigning `pretrained_cfg` a `PretrainedCfg` (or None) sets `pretrained_entry`."""
 
-    pretrained_entry: PretrainedCfg | None = None
+    # TorchScript compiles a module's properties and types its annotated attributes: it can type none of these
+    # (before: `torch.jit.script(model)` failed on the annotation `PretrainedCfg | None`)
+    __jit_unused_properties__ = [
+        "model_name", "data_config", "class_names", "pretrained_entry", "pretrained_cfg", "default_cfg"
+    ]  # fmt: skip
+    __jit_ignored_attributes__ = ["identity"]
+    identity = ModelIdentity()
+
+    @property
+    def model_name(self) -> str | None:
+        return self.identity.name
+
+    @model_name.setter
+    def model_name(self, name: str | None) -> None:
+        self.identity = self.identity.replace(name=name)
+
+    @property
+    def data_config(self) -> DataConfig:
+        return self.identity.data
+
+    @data_config.setter
+    def data_config(self, data: DataConfig) -> None:
+        self.identity = self.identity.replace(data=data)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = self.identity.class_names
+        return list(names) if names is not None else None
+
+    @class_names.setter
+    def class_names(self, names: Sequence[str] | None) -> None:
+        self.identity = self.identity.replace(class_names=names)
+
+    @property
+    def pretrained_entry(self) -> PretrainedCfg | None:
+        return self.identity.weights
+
+    @pretrained_entry.setter
+    def pretrained_entry(self, weights: PretrainedCfg | None) -> None:
+        self.identity = self.identity.replace(weights=weights)
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
-        return pretrained_cfg_dict(
-            self.pretrained_entry,
-            self.model_name,
-            self.data_config,
-            getattr(self, "num_classes", 0),
-            self.class_names,
-        )
+        return pretrained_cfg_dict(self.identity, getattr(self, "num_classes", 0))
 
     @pretrained_cfg.setter
     def pretrained_cfg(self, entry: PretrainedCfg | None) -> None:
@@ -206,13 +251,11 @@ class TimmInterface(PretrainedCfgMixin):
         # the final norm fits the last stage only, and none after `prune_intermediate_layers` cut that one
         normed = num_stages - 1 if num_stages == self.cfg.num_stages else None
         out = []
-        for i, stage in enumerate(stages):
-            tokens, hw = stage(x)
+        for i, (stage, (tokens, hw)) in enumerate(zip(stages, run_stages(stages, x), strict=True)):
             if i == normed and norm:
                 tokens = self.norm(tokens)
-            x = stage.to_map(tokens, hw)
             if i in taken:
-                out.append(x if output_fmt == "NCHW" else tokens[:, stage.num_prefix_tokens :])
+                out.append(stage.to_map(tokens, hw) if output_fmt == "NCHW" else tokens[:, stage.num_prefix_tokens :])
         final = self.norm(tokens) if i == normed and not norm else tokens
         if output_dict:
             return {"image_intermediates": out, **({} if intermediates_only else {"image_features": final})}
@@ -243,5 +286,6 @@ __all__ = [
     "TimmInterface",
     "layer_ids",
     "pretrained_cfg_dict",
+    "run_stages",
     "take_indices",
 ]

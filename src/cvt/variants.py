@@ -1,8 +1,8 @@
 """The registered CvT variants and their released weights, as plain data: no model is built here.
 
 `VARIANTS` maps a name to its architecture and its released weights by tag; `resolve` splits "name.tag",
-`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config,
-`variant_model_name` names a model whose architecture departs from its variant's (`cvt_13-custom`), and
+`model_config` applies overrides, `match_variant` recognises a variant's architecture in any config, `identify`
+decides a model's identity (its name, the released weights it still is, its preprocessing and class names), and
 `imagenet_classes` are the class names of every released 1000-class head. `cvt.factory.create_model` builds them.
 """
 
@@ -16,7 +16,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, check_fields
+from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, reject_unknown_fields
+from .identity import ModelIdentity
 
 _CVT_13 = CvTConfig()
 _CVT_21 = dataclasses.replace(_CVT_13, depths=(1, 4, 16))
@@ -118,10 +119,19 @@ def resolve(name: str) -> tuple[str, CvTConfig, str, PretrainedCfg]:
     return arch, cfg, tag, tags[tag]
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` is a registered `arch[.tag]` (rather than, say, a checkpoint path)."""
+    try:
+        resolve(name)
+    except ValueError:
+        return False
+    return True
+
+
 def model_config(name: str, **overrides: Any) -> CvTConfig:
     """The `CvTConfig` of a registered variant with `overrides` applied (unknown fields are an error)."""
     _, cfg, _, _ = resolve(name)
-    check_fields(CvTConfig, overrides, "CvTConfig")
+    reject_unknown_fields(CvTConfig, overrides, "CvTConfig")
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -135,17 +145,53 @@ def match_variant(cfg: CvTConfig) -> str | None:
 
 
 CUSTOM_SUFFIX = "-custom"
+# `CvTConfig` fields that only change how a model trains: released weights stay themselves under other values
+_TRAINING_ONLY = ("drop_path_rate", "drop_rate", "attn_drop_rate")
 
 
-def variant_model_name(name: str, cfg: CvTConfig) -> str:
-    """The name a model of architecture `cfg` carries when built or loaded as `name` (a registered `arch[.tag]`
-    or whatever a checkpoint recorded): `name` itself while `cfg` is that variant's architecture (classes, drop
-    rates and the activation aside), else `arch-custom`, so that a narrowed or deepened model is never labelled
-    with the tag of released weights it does not have. Its config records what changed."""
-    arch = name.partition(".")[0]
-    if arch not in VARIANTS or match_variant(cfg) == arch:
-        return name
-    return f"{arch}{CUSTOM_SUFFIX}"
+def identify(
+    cfg: CvTConfig,
+    name: str | None = None,
+    *,
+    data: DataConfig | None = None,
+    class_names: Sequence[str] | None = None,
+    imagenet_head: bool = False,
+) -> ModelIdentity:
+    """The identity of a model of architecture `cfg`: the one place that decides a model's name, whether it still is
+    released weights, its evaluation preprocessing and its class names.
+
+    A model is the released weights `arch.tag` while it is named so (asked for by that name, or a file recorded it)
+    and its architecture, head (1000 classes) and activation are still theirs; it then claims them everywhere (name,
+    `pretrained_cfg`, model card, exports). Otherwise it claims them nowhere: with their architecture it is named by
+    the variant alone ("cvt_13"), with another architecture "cvt_13-custom".
+
+    Args:
+        cfg: the model's architecture, head included.
+        name: the registered `arch[.tag]` asked for or named by the authors' file name, the name a file recorded
+            (kept as it is when it is not a registered one), or None: the variant `cfg` is, with its default tag
+            (a file that records no name: the authors' release, a Hugging Face folder).
+        data: the evaluation preprocessing a file recorded; None for that of the weights named (or the default).
+        class_names: the class names a file recorded; None for ImageNet-1k's where the head is ImageNet's.
+        imagenet_head: whether a 1000-class head is ImageNet-1k's unless its weights are known to be something
+            else (a registered model, the authors' or a Hugging Face file); released weights always are.
+    """
+    variant = match_variant(cfg)
+    arch, _, tag = (name or variant or "").partition(".")
+    weights = None
+    if arch in VARIANTS:
+        tags = VARIANTS[arch][1]
+        tag = tag if tag in tags else (next(iter(tags)) if name is None else "")
+        data = data or tags[tag or next(iter(tags))].data
+        same = {f: getattr(cfg, f) for f in _TRAINING_ONLY}
+        if variant != arch:
+            name = f"{arch}{CUSTOM_SUFFIX}"  # another architecture: never the released weights' tag
+        elif tag and cfg == dataclasses.replace(VARIANTS[arch][0], **same):
+            name, weights = f"{arch}.{tag}", tags[tag]
+        else:
+            name = arch  # their architecture with another head or activation: the variant, not its weights
+    if class_names is None and cfg.num_classes == 1000 and (imagenet_head or weights is not None):
+        class_names = _imagenet_classes()
+    return ModelIdentity(name or "cvt_custom", weights, data or DataConfig(), class_names)
 
 
 def find_official_file(file_name: str) -> tuple[str, PretrainedCfg] | None:
@@ -171,7 +217,9 @@ def imagenet_classes() -> list[str]:
 __all__ = [
     "VARIANTS",
     "find_official_file",
+    "identify",
     "imagenet_classes",
+    "is_registered",
     "list_models",
     "match_variant",
     "model_config",

@@ -13,7 +13,8 @@ never from the file name:
 
 Key conversion is a pure dict -> dict function per foreign layout (a handful of regex rules); every historical
 quirk gets one small named repair function. Pickles are read with `weights_only=True`, so a file that carries code
-is refused before any of it runs. Building a model from a `Checkpoint` is `cvt.factory`'s job, above this package.
+is refused before any of it runs. Building a model from a `Checkpoint` is `cvt.factory`'s job, above this package;
+the package knows formats, not the registered variants (`cvt.variants`), which it never imports.
 
     formats     names, versions, CheckpointError, the recorded metadata
     layouts     key layouts and repairs, strict loading of a state dict
@@ -26,63 +27,29 @@ is refused before any of it runs. Building a model from a `Checkpoint` is `cvt.f
     save        save_model
 """
 
-from ..variants import imagenet_classes
-from .formats import CONFIG_FILE, HF_WEIGHT_FILES, SAVE_FORMATS, WEIGHTS_FILE, CheckpointError
+from .formats import SAVE_FORMATS, CheckpointError
 from .hf_config import config_from_hf, config_to_hf
-from .infer import check_config_fits, infer_config
-from .layouts import (
-    cvt_to_hf,
-    cvt_to_official,
-    detect_layout,
-    hf_to_cvt,
-    load_state_dict_strict,
-    official_to_cvt,
-    repair_bn_counters,
-    repair_compile_prefix,
-    repair_ddp_prefix,
-    repair_hf_base_model,
-    repair_wrapper,
-)
+from .infer import check_config_fits
+from .layouts import cvt_to_hf, cvt_to_official, hf_to_cvt, load_state_dict_strict, official_to_cvt
 from .read import Checkpoint, read_checkpoint
-from .safe_load import read_weights_file
 from .save import save_model
-from .training import (
-    TRAIN_FORMAT,
-    TRAIN_FORMAT_VERSION,
-    CheckpointWriteError,
-    read_training_checkpoint,
-    write_training_checkpoint,
-)
+from .training import read_training_checkpoint, write_training_checkpoint
 
+# what callers outside the package use; the repairs, format sniffing and file names stay in their modules
 __all__ = [
-    "CONFIG_FILE",
-    "HF_WEIGHT_FILES",
     "SAVE_FORMATS",
-    "TRAIN_FORMAT",
-    "TRAIN_FORMAT_VERSION",
-    "WEIGHTS_FILE",
     "Checkpoint",
     "CheckpointError",
-    "CheckpointWriteError",
     "check_config_fits",
     "config_from_hf",
     "config_to_hf",
     "cvt_to_hf",
     "cvt_to_official",
-    "detect_layout",
     "hf_to_cvt",
-    "imagenet_classes",
-    "infer_config",
     "load_state_dict_strict",
     "official_to_cvt",
     "read_checkpoint",
     "read_training_checkpoint",
-    "read_weights_file",
-    "repair_bn_counters",
-    "repair_compile_prefix",
-    "repair_ddp_prefix",
-    "repair_hf_base_model",
-    "repair_wrapper",
     "save_model",
     "write_training_checkpoint",
 ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import CvTConfig, DataConfig, PretrainedCfg
-from ..variants import match_variant
 
 CARD_FILE = "README.md"
 PAPER = "https://arxiv.org/abs/2103.15808"
@@ -33,8 +32,8 @@ def model_card(
     Args:
         meta: the model's metadata (`cvt.model.model_metadata`: model_name, model_config, data_config, class_names).
         format: the folder's format, "cvt" or "hf" (which library loads it).
-        entry: the released weights the model's name refers to, if any (their licence and datasets, when the
-            model still has their architecture and 1000-class head).
+        entry: the released weights the model still is (`ModelIdentity.weights`), if any: the card then names
+            their licence and datasets; None for any other model (licence "unknown").
         results: what the run measured, if anything: {"dataset", "split", "top1", "top5", "epoch"} (percent).
 
     Returns:
@@ -45,8 +44,7 @@ def model_card(
     cfg, data = CvTConfig.from_dict(meta["model_config"]), DataConfig.from_dict(meta["data_config"])
     name = meta.get("model_name") or "cvt_custom"
     names = meta.get("class_names")
-    # the released weights' licence and datasets only for what still is them: their architecture and head
-    released = entry is not None and match_variant(cfg) == name.partition(".")[0] and cfg.num_classes == 1000
+    released = entry is not None  # `cvt.variants.identify` decided whether the model still is them
     dataset = (results or {}).get("dataset")
     datasets = [dataset] if dataset else released_datasets(name if released else None)
     evals = []

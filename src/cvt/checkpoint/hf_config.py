@@ -8,6 +8,8 @@ import math
 import reprlib
 from typing import Any
 
+from PIL import Image
+
 from ..config import ConfigError, CvTConfig, DataConfig
 from .formats import CheckpointError
 
@@ -17,8 +19,6 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 DATA_CONFIG_KEY = "cvt_data_config"  # our DataConfig, verbatim, in a Hugging Face config.json
 NAME_KEY = "cvt_model_name"  # and the model's name
 ACT_KEY = "cvt_act"  # and the activation the weights were trained with
-# PIL's resampling codes, as transformers' image processors record them
-PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 CONVNEXT_WARP_SIZE = 384  # ConvNextImageProcessor resizes the whole image (no crop) from this size up
 
 
@@ -174,7 +174,7 @@ def preprocessor_to_hf(data: DataConfig) -> dict[str, Any]:
     height, width = data.input_size
     common = {
         "do_resize": True,
-        "resample": PIL_RESAMPLE[data.interpolation],
+        "resample": int(Image.Resampling[data.interpolation.upper()]),  # PIL's code, as transformers records it
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
@@ -210,7 +210,8 @@ def data_config_from_hf(hf: dict[str, Any], preprocessor: dict[str, Any] | None)
     if not preprocessor:
         return None
     kind = str(preprocessor.get("image_processor_type") or preprocessor.get("feature_extractor_type") or "")
-    resample = {code: name for name, code in PIL_RESAMPLE.items()}.get(preprocessor.get("resample", 3), "bicubic")
+    code = preprocessor.get("resample", Image.Resampling.BICUBIC)
+    resample = Image.Resampling(code).name.lower() if code in set(Image.Resampling) else "bicubic"
     common = {
         "interpolation": resample,
         "mean": tuple(preprocessor.get("image_mean", DataConfig.mean)),

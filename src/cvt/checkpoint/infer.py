@@ -7,20 +7,23 @@ import contextlib
 import dataclasses
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 
 from ..config import TRAINING_FIELDS, CvTConfig
 from ..shapes import check_size, iter_state_dict_shapes
-from ..variants import VARIANTS
 from .formats import CheckpointError
 from .layouts import check_fits
 
 
 def infer_config(
-    state_dict: dict[str, torch.Tensor], known: dict[str, Any] | None = None, *, source: str | os.PathLike = "weights"
+    state_dict: dict[str, torch.Tensor],
+    known: dict[str, Any] | None = None,
+    variants: Mapping[str, CvTConfig] | None = None,
+    *,
+    source: str | os.PathLike = "weights",
 ) -> tuple[CvTConfig, str | None, bool]:
     """The architecture of a state dict in our layout, read from its keys and shapes.
 
@@ -31,6 +34,8 @@ def infer_config(
     Args:
         state_dict: weights in our layout (shapes suffice: meta tensors work).
         known: `CvTConfig` fields the caller knows, taken instead of inferred (e.g. heads, qkv_method).
+        variants: {name: architecture} of the registered variants to recognise (`cvt.factory.infer_config` passes
+            the registry's; this package does not know it).
         source: the file the weights come from, for messages.
 
     Returns:
@@ -75,7 +80,7 @@ def infer_config(
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else 0
     fields.update(known)
-    for name, (variant, _) in VARIANTS.items():
+    for name, variant in (variants or {}).items():
         with contextlib.suppress(ValueError):  # a variant's heads may not divide these widths
             if dataclasses.replace(variant, **fields) == variant:
                 return dataclasses.replace(variant, num_classes=num_classes), name, False

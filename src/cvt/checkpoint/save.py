@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -11,12 +12,13 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
+from ..config import TRAINING_FIELDS, CvTConfig
 from ..fileio import atomic_save, atomic_write, write_json
 from ..model import model_metadata
-from ..variants import match_variant
 from .card import CARD_FILE, model_card
-from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE
+from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE, CheckpointError
 from .hf_config import PREPROCESSOR_FILE, config_to_hf, preprocessor_to_hf
+from .infer import infer_config
 from .layouts import cvt_to_hf, cvt_to_official
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,15 @@ def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     with atomic_write(path) as f:
         f.write(save(tensors, metadata={"format": "pt"}))  # "pt": what transformers expects
+
+
+def _weights_tell(state: dict[str, torch.Tensor], cfg: CvTConfig) -> bool:
+    """Whether the weights alone give back the architecture `cfg` (what a file that records none is read with)."""
+    try:
+        found, _, _ = infer_config(state)
+    except CheckpointError:
+        return False
+    return dataclasses.replace(found, **{f: getattr(cfg, f) for f in (*TRAINING_FIELDS, "act")}) == cfg
 
 
 def save_model(
@@ -68,7 +79,7 @@ def save_model(
         raise ValueError(f"{len(names)} class names for a model with {cfg.num_classes} classes")
     state = _tensors(model.state_dict())
     if format == "official":
-        if match_variant(cfg) is None:
+        if not _weights_tell(state, cfg):
             logger.warning("%s records no architecture; load it with the same config fields you built it with", path)
         atomic_save(cvt_to_official(state), path)
         return path

@@ -19,7 +19,6 @@ so a resume can fall back to it when the newest is damaged. A failed write (a fu
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import zipfile
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_error
 from .formats import CheckpointError, parse_metadata
 from .safe_load import read_weights_file
 
@@ -136,13 +135,8 @@ def _write_error(path: Path, err: BaseException) -> CheckpointWriteError:
         if free is not None and free < 64 * 2**20:
             reason += f"; only {free} bytes are free on its disk"
         return CheckpointWriteError(f"cannot write {path}: {reason}; {kept}")
-    hint = {
-        errno.ENOSPC: "the disk is full: free space (old runs, checkpoints) or choose another output",
-        errno.EDQUOT: "the disk quota is exhausted: free space or choose another output",
-        errno.EACCES: "no permission to write there: fix the directory's permissions or choose another output",
-        errno.EROFS: "the file system is read-only: choose another output",
-    }.get(cause.errno, "check the disk and the directory")
-    return CheckpointWriteError(cause.errno, f"cannot write {path}: {cause.strerror} ({hint}); {kept}")
+    said = write_error(path, cause)  # the wording every writer shares; atomic_write may have said it already
+    return CheckpointWriteError(cause.errno, f"{said.strerror}; {kept}")
 
 
 def read_training_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import argparse
 
 from cvt.checkpoint import SAVE_FORMATS, read_checkpoint, save_model
 from cvt.cli.usage import DeprecatedAlias, UsageError
-from cvt.factory import build_model, create_model
+from cvt.factory import create_model, model_from_checkpoint
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         results = None
     else:
         ckpt = read_checkpoint(args.src, ema=args.ema)
-        model, results = build_model(ckpt), ckpt.results  # a training run's results go into the model card
+        model, results = model_from_checkpoint(ckpt), ckpt.results  # a training run's results go into the model card
     path = save_model(model, args.dst, format=args.to, results=results)
     tensors = len(model.state_dict())
     print(f"wrote {path} ({args.to}): {model.model_name}, {model.num_classes} classes, {tensors} tensors")

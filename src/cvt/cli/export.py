@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.cli.usage import DeviceAction, UsageError
+from cvt.cli.usage import DeviceAction, UsageError, add_input_size_option
 from cvt.export import DEFAULT_OPSET, FORMATS, export
 from cvt.factory import resolve_model
 
@@ -17,15 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint path or registered name[.tag] (released weights)")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
     p.add_argument("--output", required=True, help="file to write")
-    p.add_argument(
-        "--input-size",
-        "--res",
-        dest="input_size",
-        type=int,
-        nargs="+",
-        default=None,
-        help="example size N or H W (default: the model's)",
-    )
+    add_input_size_option(p, "example size (default: the model's)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to PyTorch accepted")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cvt.cli.usage import UsageError
+from cvt.cli.usage import UsageError, add_input_size_option
 from cvt.config import DataConfig
 from cvt.flops import model_cost
 from cvt.variants import VARIANTS, model_config, precomputed_cost, resolve
@@ -19,8 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("info", help="parameters, GMACs and configuration of one model")
     p.add_argument("--model", help="registered name, optionally with a weights tag (cvt_13, cvt_21.in1k_384)")
     p.add_argument("model_positional", nargs="?", metavar="MODEL", help="deprecated spelling of --model")
-    p.add_argument("--input-size", "--res", dest="input_size", type=int, nargs="+", default=None,
-                   help="input size: N or H W (default: the weights')")  # fmt: skip
+    add_input_size_option(p, "input size (default: the weights')")
     p.set_defaults(func=run_info)
 
 
@@ -52,10 +51,7 @@ def run_info(args: argparse.Namespace) -> int:
     arch, _, tag, weights = resolve(name)
     cfg = model_config(name)
     data: DataConfig = weights.data
-    sizes = args.input_size
-    if sizes is not None and len(sizes) > 2:
-        raise UsageError(f"--input-size takes N or H W, got {sizes}")
-    size = tuple(sizes * 2 if len(sizes) == 1 else sizes) if sizes else data.input_size
+    size = args.input_size or data.input_size
     square = precomputed_cost(arch, size[0]) if size[0] == size[1] else None
     params, macs = square or model_cost(cfg, size)
     print(f"model:       {arch}.{tag}")

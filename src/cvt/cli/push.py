@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from cvt.checkpoint import read_checkpoint
-from cvt.factory import build_model, resolve_model
+from cvt.factory import model_from_checkpoint, resolve_model
 from cvt.publish import push_to_hub
 
 
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     results = None
     if Path(args.model).expanduser().exists():
         ckpt = read_checkpoint(args.model)
-        model, results = build_model(ckpt), ckpt.results
+        model, results = model_from_checkpoint(ckpt), ckpt.results
     else:
         model = resolve_model(args.model)
     url = push_to_hub(model, args.repo_id, format=args.format, results=results, private=args.private,

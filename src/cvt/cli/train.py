@@ -4,6 +4,7 @@ process or under torchrun; `cvt configs`: the shipped configs."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -15,6 +16,7 @@ from cvt.train import (
     finetune_config,
     load_config,
     load_config_module,
+    parse_overrides,
     read_resume_checkpoint,
     resolve_resume,
     shipped_configs,
@@ -30,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "fine-tune a checkpoint or released model with --model and the fine-tuning defaults (cvt.train.finetune: "
         "SGD, a low learning rate, a short warm-up, the schedule sized to the dataset). Under "
         "`torchrun --nproc-per-node N` the same command runs data-parallel (DDP; --set fsdp=True shards the model).",
+        epilog=_fields_help(),
     )
     p.add_argument("--config", help="config file, or the name of a shipped one (e.g. cvt_13_224, demo; `cvt configs`)")
     p.add_argument("--model", metavar="NAME_OR_PATH",
@@ -42,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set epochs=10 --set model_kwargs.drop_path_rate=0.2",
+        help="override a config field (listed below), e.g. --set epochs=10 --set model_kwargs.drop_path_rate=0.2; "
+        "--set pretrained=false starts --model NAME from random weights (offline)",
     )
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="resume from a checkpoint or run directory (default: OUTPUT/last.pt); without --config the "
@@ -59,16 +63,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the arguments describe."""
-    extra = list(args.overrides)
-    if args.data:
-        extra.append(f"data={args.data!r}")
-    if args.output:
-        extra.append(f"output={args.output!r}")
-    if args.device:
-        extra.append(f"device={args.device!r}")
+    """The TrainConfig the arguments describe; the options' values travel typed, `--set`'s are parsed once."""
+    extra = parse_overrides(args.overrides)
+    extra.update({k: v for k, v in (("data", args.data), ("output", args.output), ("device", args.device)) if v})
     if args.config:
-        cfg = load_config(args.config, [*extra, *([f"init={args.model!r}"] if args.model else [])])
+        cfg = load_config(args.config, {**extra, **({"init": args.model} if args.model else {})})
     elif args.model:
         if not args.data:
             raise UsageError("--model needs --data DIR: the dataset to fine-tune on")
@@ -83,8 +82,17 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     else:
         raise UsageError("pass --config, --model with --data, or --resume with a checkpoint")
     if args.resume:
-        cfg = apply_overrides(cfg, [f"resume={args.resume!r}"])
+        cfg = apply_overrides(cfg, {"resume": args.resume})
     return cfg
+
+
+def _fields_help() -> str:
+    """The `--set` fields with their defaults, for `cvt train --help`."""
+    fields = [f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f"{f.name}={{...}}"
+              for f in dataclasses.fields(TrainConfig)]  # fmt: skip
+    return "fields of --set KEY=VALUE, with the defaults (the paper's CvT-13 recipe; cvt.train.TrainConfig): " + (
+        ", ".join(fields)
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Command-line usage helpers: `UsageError` (arguments found not to work together after parsing: exit code 2, as
 argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it),
-`add_json_option` (the one `--json [FILE]` of the commands that report results) and `DeviceAction` (the one check of
-every `--device`: a device this machine has, refused at parse time otherwise)."""
+`add_json_option` (the one `--json [FILE]` of the commands that report results), `add_input_size_option` (the
+one `--input-size N | H W`) and `DeviceAction` (the one check of every `--device`: a device this machine has, refused
+at parse time otherwise)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,22 @@ def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, type=_json_target, metavar="FILE",
                         help=f"{what} as JSON: to FILE (.json), or to stdout instead of text without FILE or "
                         "with '-'")  # fmt: skip
+
+
+class _InputSize(argparse.Action):
+    """Store N or H W as (H, W); any other count is the parser's error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        if len(values) not in (1, 2):
+            parser.error(f"{option_string} takes N or H W, got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, (values[0], values[-1]))
+
+
+def add_input_size_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--input-size N | H W` (alias `--res`), parsed to (H, W), None when not given."""
+    parser.add_argument("--input-size", "--res", dest="input_size", type=int, nargs="+", default=None,
+                        action=_InputSize, metavar="N", help=f"{help}: N (square) or H W")  # fmt: skip
 
 
 class DeprecatedAlias(argparse.Action):

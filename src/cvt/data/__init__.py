@@ -11,7 +11,7 @@ from .datasets import FolderDataset, ImageDataset, ListDataset, open_dataset
 from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, UnreadableImageError, is_image_file, load_image
 from .digits import make_digits
 from .mixup import Mixup, SoftTargetCrossEntropy, one_hot_smooth
-from .resolve import create_transform, resolve_data_config
+from .resolve import create_transform, resolve_data_config, resolve_model_data_config
 from .seeding import rng_scope, sample_seed
 from .shards import TarShardDataset, expand_braces, expand_shards, index_shards, write_shards
 from .synthetic import make_dataset
@@ -54,6 +54,7 @@ __all__ = [
     "open_dataset",
     "rand_augment_transform",
     "resolve_data_config",
+    "resolve_model_data_config",
     "rng_scope",
     "sample_seed",
     "write_shards",

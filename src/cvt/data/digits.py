@@ -24,14 +24,14 @@ from PIL import Image
 from .._optional import require
 from ..fileio import write_json
 from .manifest import MANIFEST, prepare_tree
+from .transforms import pil_interpolation
 
 logger = logging.getLogger(__name__)
 
 VERSION = 1  # bumped whenever the files change (split rule, scaling): older trees are rewritten
 VAL_EVERY = 5  # every fifth image of a class goes to val: a fixed 80/20 split
 MAX_LEVEL = 16  # load_digits' grey levels are 0..16 (ink counts of the 4x4 blocks of a 32x32 bitmap)
-RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC}  # fmt: skip
+RESAMPLE = ("nearest", "bilinear", "bicubic")  # the filters offered here (`pil_interpolation` maps them)
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +64,7 @@ def digit_image(pixels: np.ndarray, image_size: int = 32, resample: str = "bilin
     image = Image.fromarray(grey)  # (8, 8) uint8 -> mode "L"
     if image.size == (image_size, image_size):
         return image
-    return image.resize((image_size, image_size), RESAMPLE[resample])
+    return image.resize((image_size, image_size), pil_interpolation(resample))
 
 
 def make_digits(

@@ -66,6 +66,17 @@ def resolve_data_config(
     return config
 
 
+def resolve_model_data_config(
+    model: Any,
+    args: dict[str, Any] | None = None,
+    pretrained_cfg: dict[str, Any] | None = None,
+    use_test_size: bool = False,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """timm's `resolve_model_data_config`: `resolve_data_config` with the model first."""
+    return resolve_data_config(args, pretrained_cfg, model, use_test_size, verbose)
+
+
 def create_transform(
     input_size: int | Sequence[int],
     is_training: bool = False,

@@ -28,12 +28,13 @@ afresh otherwise, so the same command serves the first start and every restart (
     config       TrainConfig, key=value overrides, config files
     rng          seeding, RNG states, deterministic algorithms
     distributed  the processes: environment, samplers, DDP/FSDP2, collective state
-    finetune     the fine-tuning defaults of `cvt train --model` (sized to the dataset)
-    build        data, loaders, model, optimiser, schedule, Mixup and loss of a run
+    finetune     the fine-tuning defaults of `cvt train --model` (sized to the dataset and to the start)
+    optimizer    weight-decay groups, layer decay, AdamW/SGD, the warm-up cosine schedule
+    build        data, loaders, model (named by its architecture), optimiser, schedule, Mixup and loss of a run
     state        where a run stands, saved to and restored from its checkpoint
     run_dir      config.json, metrics.csv, summary.json, curves.png, TensorBoard
     preempt      SIGTERM/SIGUSR1: stop at the next step on every rank, state saved
-    loop         train(cfg) and the epoch loop
+    loop         train(cfg): its plan and time estimate, the epoch loop
 """
 
 from .config import (
@@ -43,6 +44,7 @@ from .config import (
     find_config,
     load_config,
     load_config_module,
+    parse_overrides,
     shipped_configs,
 )
 from .distributed import ResumableSampler
@@ -63,6 +65,7 @@ __all__ = [
     "finetune_config",
     "load_config",
     "load_config_module",
+    "parse_overrides",
     "plot_curves",
     "read_resume_checkpoint",
     "resolve_resume",

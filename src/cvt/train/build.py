@@ -13,11 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from .. import data as cdata
-from ..engine import ModelEma
+from ..engine import Learner, ModelEma, StepSettings
 from ..factory import create_model, resolve_model
-from ..optim import WarmupCosineSchedule, create_optimizer, scaled_lr
+from ..variants import identify, is_registered
 from .config import TrainConfig
 from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
+from .optimizer import WarmupCosineSchedule, create_optimizer, scaled_lr
 from .rng import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Run:
         amp_dtype: autocast dtype, None for float32.
         mixup: batch Mixup/CutMix, or None.
         criterion: the loss.
+        step_settings: how each training step runs (device, precision, accumulation, clipping, Mixup).
     """
 
     train_ds: Dataset
@@ -66,6 +68,12 @@ class Run:
     amp_dtype: torch.dtype | None
     mixup: Any
     criterion: nn.Module
+    step_settings: StepSettings
+
+    @property
+    def learner(self) -> Learner:
+        """What the training step updates: the model, optimiser, loss, schedule, scaler and EMA."""
+        return Learner(self.model, self.optimizer, self.criterion, self.scheduler, self.scaler, self.ema, self.net)
 
 
 def check_options(cfg: TrainConfig, env: DistEnv) -> None:
@@ -76,6 +84,11 @@ def check_options(cfg: TrainConfig, env: DistEnv) -> None:
         logger.warning("fsdp=True without torchrun (one process): training unsharded")
     if cfg.fsdp and cfg.ema_decay is not None:
         raise ValueError("EMA is not supported together with FSDP")
+    if not cfg.pretrained and cfg.init and not is_registered(cfg.init):
+        raise ValueError(
+            f"pretrained=False starts a registered model (init=NAME) from random weights; init={cfg.init!r} is "
+            "not one: drop pretrained=False, or pass a name from `cvt list`"
+        )
 
 
 def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
@@ -87,9 +100,9 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
 
     # the same initial weights on every rank (FSDP does not broadcast them), then per-rank randomness
     seed_everything(cfg.seed)
-    net = build_model(cfg, classes)
-    net.data_config = cfg.data_config()
-    net.class_names = classes
+    net = model_to_train(cfg, classes)
+    # trained weights are the run's, not released ones: named by the architecture ("cvt_13", "cvt_13-custom")
+    net.identity = identify(net.cfg, net.model_name.partition(".")[0], data=cfg.data_config(), class_names=classes)
     if cfg.grad_checkpointing:
         net.set_grad_checkpointing(True)
     net.to(env.device)
@@ -149,14 +162,19 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         amp_dtype=AMP_DTYPES[cfg.amp],
         mixup=mixup,
         criterion=criterion,
+        step_settings=StepSettings(
+            env.device, AMP_DTYPES[cfg.amp], cfg.accum_steps, cfg.clip_grad, cfg.channels_last, mixup
+        ),
     )
 
 
-def build_model(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+def model_to_train(cfg: TrainConfig, classes: list[str]) -> nn.Module:
     """The model to train: a registered variant, or with `cfg.init` the checkpoint to fine-tune, its head fitted
     to `classes` (see `fit_head`)."""
     if not cfg.init:
         return create_model(cfg.model, num_classes=len(classes), **cfg.model_kwargs)
+    if not cfg.pretrained:  # a registered architecture from random weights (`check_options` refused a path)
+        return create_model(cfg.init, num_classes=len(classes), **cfg.model_kwargs)
     # fine-tuning: the architecture is the checkpoint's; model_kwargs change it (e.g. drop path)
     net = resolve_model(cfg.init, **cfg.model_kwargs)
     loaded = len(net.state_dict())

@@ -11,13 +11,12 @@ import math
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, CvTConfig, DataConfig
-from ..config import check_fields as check_dataclass_fields
+from ..config import ConfigError, CvTConfig, DataConfig, reject_unknown_fields
 from ..shapes import check_size
 from ..variants import model_config
 
@@ -35,6 +34,8 @@ class TrainConfig:
             (fine-tuning); the architecture is then the checkpoint's, and the head is re-initialised when the data's
             class names or count differ (re-ordered for the same names in another order). `cvt train --model`
             builds a whole fine-tuning config around it: `cvt.train.finetune` (defaults sized to the dataset).
+        pretrained: with `init` a registered name, start from its released weights (downloaded once, then cached);
+            False for random weights: `cvt train --model cvt_13 --set pretrained=false` runs offline.
         data: dataset location given to `cvt.data.open_dataset` (folder with train/ and val/, CSV or tar shards).
         train_split: split used for training.
         val_split: split used for validation; None or missing on disk for none.
@@ -95,6 +96,7 @@ class TrainConfig:
     model: str = "cvt_13"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init: str | None = None
+    pretrained: bool = True
     data: str | None = None
     train_split: str = "train"
     val_split: str | None = "val"
@@ -152,7 +154,7 @@ class TrainConfig:
         for name in ("mean", "std", "scale", "ratio"):
             if isinstance(getattr(self, name), list):
                 setattr(self, name, tuple(getattr(self, name)))
-        check_fields(self)
+        check_values(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (tuples become lists)."""
@@ -217,7 +219,7 @@ CHOICES = {
 }
 
 
-def check_fields(cfg: TrainConfig) -> None:
+def check_values(cfg: TrainConfig) -> None:
     """Every field's value against its type, its bounds (`BOUNDS`; numbers finite) and its choices (`CHOICES`), so
     that a wrong `--set` fails at once, before anything is created: "epochs must be an int, got 'one'",
     "label_smoothing must be in [0, 1), got 2"."""
@@ -245,7 +247,7 @@ def _check_model(cfg: TrainConfig) -> None:
     """`model_kwargs` against `CvTConfig`: field names always; for a model trained from scratch, also the values and
     the size (`cvt.shapes.check_size`), so that `--set model_kwargs.depths=[1,2,10**6]` fails with the settings."""
     if cfg.init is not None:  # the architecture is the checkpoint's, known once it is read
-        check_dataclass_fields(CvTConfig, cfg.model_kwargs, "CvTConfig")
+        reject_unknown_fields(CvTConfig, cfg.model_kwargs, "CvTConfig")
         return
     try:
         check_size(model_config(cfg.model, **cfg.model_kwargs))
@@ -299,6 +301,8 @@ def _check_keys(data: dict[str, Any]) -> None:
 
 
 def _parse_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"  # --set pretrained=false, as a shell user writes it
     if text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
         return float(text)  # a number, so that the check names it as one that is not finite
     try:
@@ -307,22 +311,30 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: a string such as a path or a model name
 
 
-def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
-    """Apply `key=value` overrides; values are Python literals (bare words are strings).
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` strings (`--set`) -> {key: value}; values are Python literals (bare words are strings)."""
+    parsed = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        parsed[key.strip()] = _parse_value(text.strip())
+    return parsed
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str] | Mapping[str, Any]) -> TrainConfig:
+    """Apply overrides: `key=value` strings (see `parse_overrides`), or {key: value} with typed values as they are.
 
     A dotted key sets one entry of a dict field: `model_kwargs.drop_path_rate=0.2`.
     """
     data = cfg.to_dict()
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        key, value = key.strip(), _parse_value(text.strip())
+    items = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    for key, value in items.items():
         top, _, sub = key.partition(".")
         _check_keys({top: None})
         if sub:
             if not isinstance(data[top], dict):
-                raise ValueError(f"override {item!r}: {top} is not a dict field")
+                raise ValueError(f"override {key}={value!r}: {top} is not a dict field")
             data[top][sub] = value
         else:
             data[top] = value
@@ -362,9 +374,9 @@ def load_config_module(path: str | os.PathLike) -> Any:
     return module
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
     """Run the `get_config()` of a Python config file (a bare name is one of the shipped configs) and apply
-    `key=value` overrides."""
+    overrides (`apply_overrides`)."""
     module = load_config_module(path)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} defines no get_config()")

@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checkpoint import CheckpointError, read_training_checkpoint
-from ..engine import EpochMeter, NonFiniteLossError, evaluate, train_one_epoch
+from ..engine import EpochMeter, EpochPlan, NonFiniteLossError, evaluate, train_one_epoch
 from .build import Run, build_run, check_options
 from .config import TrainConfig
 from .distributed import DistEnv, setup_env, sync_buffers, teardown_env
@@ -41,6 +42,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     try:
         with contextlib.ExitStack() as stack, deterministic(cfg.deterministic), StopRequest().installed() as stop:
+            stack.enter_context(_reported(env))
             check_options(cfg, env)
             run_dir = RunDir(cfg.output, main=env.main)
             run_dir.lock()
@@ -54,19 +56,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if resume is not None:
                 repair_best(run_dir.path, run, state, cfg, env)
             run_dir.start(cfg.to_dict(), tensorboard=cfg.tensorboard)
-            logger.info(
-                "training %s on %d image(s), %d class(es): %d process(es) x batch %d x accumulation %d = %d, "
-                "lr %.3g, %d step(s) per epoch",
-                f"{run.net.model_name} from {cfg.init}" if cfg.init else getattr(run.net, "model_name", cfg.model),
-                len(run.train_ds),
-                len(run.classes),
-                env.world_size,
-                cfg.batch_size,
-                cfg.accum_steps,
-                run.global_batch,
-                run.lr,
-                run.steps_per_epoch,
-            )
+            _log_plan(cfg, env, run, state)
             status = "stopped"
             try:
                 status = _epochs(cfg, env, run, state, run_dir, stop)
@@ -86,6 +76,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir, stop: StopRequest) -> str:
     """Train from where `state` stands to the end: "completed", "stopped" (by `max_steps`) or "preempted" (by a
     signal, see `preempt`; the state is saved at the step where every rank stopped)."""
+    estimate = _Estimate(cfg, run, state)
     while state.epoch < cfg.epochs:
         if _stop(cfg, state):
             return "stopped"
@@ -93,27 +84,19 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             return _preempted(cfg, env, run, state, run_dir, stop)
         started = time.perf_counter()
         result = train_one_epoch(
-            run.model,
+            run.learner,
             _epoch_batches(cfg, run, state),
-            run.optimizer,
-            criterion=run.criterion,
-            epoch=state.epoch,
-            steps_per_epoch=run.steps_per_epoch,
-            scheduler=run.scheduler,
-            device=env.device,
-            mixup=run.mixup,
-            amp_dtype=run.amp_dtype,
-            scaler=run.scaler,
-            accum_steps=cfg.accum_steps,
-            clip_grad=cfg.clip_grad,
-            ema=run.ema,
-            ema_source=run.net,
-            channels_last=cfg.channels_last,
-            start_step=state.step,
-            global_step=state.global_step,
-            max_steps=_next_stop(cfg, state.global_step),
-            should_stop=lambda: stop.check(env),
-            meter=state.meter,
+            EpochPlan(
+                state.epoch,
+                run.steps_per_epoch,
+                start_step=state.step,
+                global_step=state.global_step,
+                max_steps=_next_stop(cfg, state.global_step),
+                meter=state.meter,
+                epochs=cfg.epochs,
+            ),
+            run.step_settings,
+            should_stop=lambda: estimate.step() or stop.check(env),
             progress=_progress(cfg, env),
         )
         if not result.finished and not stop.agreed and result.global_step != _next_stop(cfg, state.global_step):
@@ -151,6 +134,7 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             state.best = {"top1": top1, "top5": row["val_top5"], "epoch": state.epoch}
         state.epoch, state.step, state.meter = state.epoch + 1, 0, EpochMeter()
         run_dir.log_epoch(row, state.history, cfg.epochs)
+        estimate.epoch_done(row["epoch_time"] + time.perf_counter() - started)
         save_checkpoint(run_dir.path / "last.pt", run, state, cfg, env)
         if improved:
             save_checkpoint(run_dir.path / "best.pt", run, state, cfg, env, full=False)
@@ -158,6 +142,91 @@ def _epochs(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir
             logger.info("stopped after %d step(s) (max_steps); resume with --resume", state.global_step)
             return "stopped"
     return "completed"
+
+
+@contextlib.contextmanager
+def _reported(env: DistEnv) -> Iterator[None]:
+    """Let the run's plan and per-epoch lines reach stderr (rank 0) when the caller configured no logging, as
+    `cvt train` shows them: `train(cfg)` from Python reports each epoch the same way."""
+    package = logging.getLogger("cvt")
+    if not env.main or logging.getLogger().handlers or package.handlers or package.level > logging.INFO:
+        yield
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    package.addHandler(handler)
+    level, package.level = package.level, logging.INFO
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.level = level
+
+
+def _log_plan(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState) -> None:
+    """What the run will do, said when it starts: epochs, steps, images per epoch, input size, batch, rate."""
+    steps = cfg.epochs * run.steps_per_epoch
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    logger.info(
+        "training %s on %d image(s), %d class(es) at %dx%d: %d epoch(s) x %d step(s) = %d step(s) (%d to go), "
+        "%d image(s) per epoch; %d process(es) x batch %d x accumulation %d = %d, lr %.3g; a time estimate follows "
+        "the first steps",
+        f"{run.net.model_name} from {cfg.init}" if cfg.init else run.net.model_name,
+        len(run.train_ds),
+        len(run.classes),
+        cfg.input_size,
+        cfg.input_size,
+        cfg.epochs,
+        run.steps_per_epoch,
+        steps,
+        max(0, steps - state.global_step),
+        run.steps_per_epoch * run.global_batch,
+        env.world_size,
+        cfg.batch_size,
+        cfg.accum_steps,
+        run.global_batch,
+        run.lr,
+    )
+
+
+class _Estimate:
+    """Logs once how long an epoch and the rest of the run will take: from the pace of the optimiser steps after
+    the first (which pays for warm-up), or from the first whole epoch when an epoch is too short for that."""
+
+    STEPS = 5  # steps timed after the first
+
+    def __init__(self, cfg: TrainConfig, run: Run, state: TrainState) -> None:
+        self.cfg, self.run, self.state = cfg, run, state
+        self.calls, self.started, self.done = 0, 0.0, False
+
+    def step(self) -> bool:
+        """Called after each optimiser step that does not end an epoch; never asks to stop."""
+        self.calls += 1
+        if self.calls == 1:
+            self.started = time.perf_counter()
+        elif self.calls == self.STEPS + 1 and not self.done:
+            per_step = (time.perf_counter() - self.started) / self.STEPS
+            self._log(per_step * self.run.steps_per_epoch, "training steps only; validation adds to it")
+        return False
+
+    def epoch_done(self, seconds: float) -> None:
+        if not self.done:
+            self._log(seconds, "from the first epoch")
+
+    def _log(self, per_epoch: float, basis: str) -> None:
+        self.done = True
+        left = self.cfg.epochs - self.state.epoch  # during an epoch: counting it; after one: the ones after it
+        logger.info("estimated time: %s per epoch, %s for the %d epoch(s) left (%s)", _duration(per_epoch),
+                    _duration(per_epoch * left), left, basis)  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _preempted(cfg: TrainConfig, env: DistEnv, run: Run, state: TrainState, run_dir: RunDir, stop: StopRequest) -> str:

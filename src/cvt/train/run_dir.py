@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._optional import require
-from ..fileio import atomic_write, write_json
+from ..fileio import atomic_write, write_error, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = take_lock(self.path / LOCK_FILE)
         except (PermissionError, FileExistsError, NotADirectoryError) as err:
-            raise type(err)(
-                err.errno, f"cannot write to the run directory {self.path} ({err.strerror}); choose another output"
-            ) from None
+            raise write_error(f"to the run directory {self.path} (creating it and its {LOCK_FILE})", err) from None
         for name in RUN_FILES:
             for tmp in self.path.glob(f".{name}.*.tmp"):
                 logger.info("removing %s, left by an interrupted write", tmp)

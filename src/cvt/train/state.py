@@ -180,8 +180,8 @@ def restore(path: Path, run: Run, cfg: TrainConfig, env: DistEnv) -> TrainState:
             env.world_size,
         )
         seed_everything(cfg.seed + 1000 * state.global_step + env.rank)
-    logger.info(
-        "resumed from %s at epoch %d, step %d (global step %d)", path, state.epoch, state.step, state.global_step
+    logger.info(  # epochs counted from 1, as the log and the progress bar count them
+        "resumed from %s at epoch %d, step %d (global step %d)", path, state.epoch + 1, state.step, state.global_step
     )
     return state
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cvt import create_model
-from cvt.optim import WarmupCosineSchedule, cosine_lr, create_optimizer, param_groups, scaled_lr
+from cvt.train.optimizer import WarmupCosineSchedule, cosine_lr, create_optimizer, param_groups, scaled_lr
 
 COS_3_DEG = 0.9986295347545738  # cos(pi / 60): epoch 5 of 300
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .timm_interface import layer_ids
+from ..timm_interface import layer_ids
 
 SCHEDULE_UNITS = ("epoch", "step")
 
