@@ -15,6 +15,15 @@ Manifest: `cvt write-shards` writes each shard under a temporary name and, after
 beside them: the classes, and every shard's sample count and size. Reading refuses shards without a manifest (an
 interrupted write-shards, whose finished shards would open silently as a smaller dataset) and shards that disagree
 with it (missing, extra, or another size); `index_shards` writes one for complete shards made by other tools.
+Before training sizes its epoch, `scan` reads every shard's tar headers and `.cls` members (not the images): a
+manifest whose counts differ from what the shards hold is refused, and so is a label outside the classes (naming
+the shard and the sample).
+
+Damage: a tar member whose header is damaged is skipped by Python's tarfile together with everything after it,
+without an error. Shards are therefore read past damaged headers (tarfile's `ignore_zeros`, which finds the next
+good header), and every stretch of bytes that is no member is reported by shard and member index: as a warning
+while training, as an unreadable entry by `cvt check-data` (which then exits 1), as an error with `strict`.
+A member larger than `decode.DEFAULT_MAX_BYTES` is refused before it is read.
 
 Epoch length: the shards dealt to a rank change from epoch to epoch and hold different numbers of samples, each
 loader worker drops its own last partial batch, and unreadable samples are skipped, so a plain pass over a rank's
@@ -36,13 +45,15 @@ import random
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_write, write_json
-from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
+from .class_names import check_class_names
+from .decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, UnreadableImageError, check_size, is_image_file, load_image
 from .seeding import rng_scope, sample_seed
 
 logger = logging.getLogger(__name__)
@@ -96,15 +107,39 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _members(tar: tarfile.TarFile, damaged: list[str]) -> Iterator[tarfile.TarInfo]:
+    """The members of `tar` (opened with `ignore_zeros=True`), noting in `damaged` each stretch of bytes before a
+    member that belongs to none: a damaged header that tarfile skipped to find the next good one."""
+    end = 0  # where the next member's header should start
+    for index, member in enumerate(tar):
+        if member.offset != end:
+            damaged.append(f"member {index}: damaged, bytes {end}-{member.offset} are no tar member")
+        end = tar.offset
+        yield member
+
+
+def _truncated(path: str, tar: tarfile.TarFile, damaged: list[str]) -> None:
+    size = os.path.getsize(path)
+    if tar.offset > size:
+        damaged.append(f"the last member runs {tar.offset - size} bytes past the end of the file (truncated)")
+
+
+def iter_tar_samples(
+    path: str, *, damaged: list[str] | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES
+) -> Iterator[tuple[str, dict[str, bytes | UnreadableImageError]]]:
     """(key, {ending: bytes}) for each sample of a shard, streamed in member order.
+
+    Args:
+        path: the shard.
+        damaged: if given, collects a description of each damaged stretch read past (see the module notes).
+        max_bytes: a member larger than this is not read: its entry is an `UnreadableImageError` instead.
 
     Raises:
         tarfile.TarError or OSError: the shard is unreadable or ends early (samples before the damage are yielded).
     """
     key, files = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
+    with tarfile.open(path, mode="r|*", ignore_zeros=True) as tar:
+        for member in _members(tar, damaged if damaged is not None else []):
             if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
                 continue
             member_key, ext = _split_key(member.name)
@@ -112,30 +147,56 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if key is not None:
                     yield key, files
                 key, files = member_key, {}
-            files[ext] = tar.extractfile(member).read()
+            try:
+                check_size(f"{path}:{member.name}", member.size, max_bytes)
+                files[ext] = tar.extractfile(member).read()
+            except UnreadableImageError as err:
+                files[ext] = err
     if key is not None:
         yield key, files
 
 
-def _sample_label(files: dict[str, bytes]) -> int | None:
+def _sample_label(files: dict[str, bytes | UnreadableImageError]) -> int | None:
     data = files.get("cls")
-    if data is None:
+    if not isinstance(data, bytes):
         return None
     return int(data.decode("utf-8").strip())
 
 
-def _shard_labels(path: str) -> set[int]:
-    """The labels found in a shard (what can be read of it)."""
-    labels = set()
+@dataclass
+class ShardScan:
+    """What one shard holds, read from its tar headers and `.cls` members (not its images).
+
+    Attributes:
+        samples: keys with an image member.
+        labels: each label found -> the first sample key that carries it.
+        damaged: the damaged stretches (see the module notes).
+    """
+
+    samples: int = 0
+    labels: dict[int, str] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)
+
+
+def scan_shard(path: str) -> ShardScan:
+    """Count a shard's samples and collect its labels, reading past damage (which `damaged` lists)."""
+    scan, keys = ShardScan(), set()
     try:
-        for _, files in iter_tar_samples(path):
-            with contextlib.suppress(ValueError):
-                label = _sample_label(files)
-                if label is not None:
-                    labels.add(label)
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # reading the samples reports the damage
-    return labels
+        with tarfile.open(path, mode="r", ignore_zeros=True) as tar:
+            for member in _members(tar, scan.damaged):
+                if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
+                    continue
+                key, ext = _split_key(member.name)
+                if is_image_file(ext):
+                    keys.add(key)
+                elif ext == "cls" and member.size <= 64:
+                    with contextlib.suppress(ValueError):  # reading the sample reports it
+                        scan.labels.setdefault(int(tar.extractfile(member).read().decode("utf-8").strip()), key)
+            _truncated(path, tar, scan.damaged)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        scan.damaged.append(f"unreadable after {len(keys)} sample(s) ({type(err).__name__}: {err})")
+    scan.samples = len(keys)
+    return scan
 
 
 class TarShardDataset(IterableDataset):
@@ -183,7 +244,8 @@ class TarShardDataset(IterableDataset):
                 f"write at least {world_size} shards (cvt write-shards --shard-size smaller)"
             )
         self.shards = list(shards)
-        self._counts: dict[str, int] = read_manifest(self.shards, whole=whole) if verify else {}
+        self._manifest: dict[str, int] = read_manifest(self.shards, whole=whole) if verify else {}
+        self._scans: dict[str, ShardScan] = {}
         self.transform, self.strict = transform, strict
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
@@ -200,9 +262,9 @@ class TarShardDataset(IterableDataset):
         if self._classes is None:
             names_file = Path(self.shards[0]).parent / CLASSES_FILE
             if names_file.is_file():
-                self._classes = [line.strip() for line in names_file.read_text("utf-8").splitlines() if line.strip()]
+                self._classes = read_class_names(names_file)
             else:
-                labels = set().union(*(_shard_labels(shard) for shard in self.shards))
+                labels = set().union(*(self.scan(shard).labels for shard in self.shards))
                 self._classes = [str(i) for i in range(max(labels) + 1)] if labels else []
         return self._classes
 
@@ -228,8 +290,37 @@ class TarShardDataset(IterableDataset):
         self.epoch_batches, self.batch_size = int(batches), int(batch_size)
 
     def total_samples(self) -> int:
-        """Samples in all shards (every rank's), from the tar headers: the same number on every rank."""
-        return sum(self._count(path) for path in self.shards)
+        """Samples in all shards (every rank's), from the tar headers: the same number on every rank.
+
+        Every shard is scanned (`scan_shard`) and checked: against the manifest's count, and its labels against
+        the classes. Damage is logged as a warning with its count (the samples there are lost).
+
+        Raises:
+            ValueError: a manifest count that the shard does not hold (and no damage explains), or a label that is
+                not a class index; the message names the shard (and the sample).
+        """
+        classes = len(self.classes)
+        for path in self.shards:
+            scan = self.scan(path)
+            if scan.damaged:
+                logger.warning("%s: %d damaged stretch(es), the samples there are lost: %s; `cvt check-data` lists "
+                               "them", path, len(scan.damaged), "; ".join(scan.damaged))  # fmt: skip
+            listed = self._manifest.get(path)
+            if listed is not None and listed != scan.samples and not scan.damaged:
+                raise ValueError(
+                    f"{path} holds {scan.samples} sample(s), its manifest {MANIFEST_FILE} records {listed}: the "
+                    "manifest does not describe these shards; rerun `cvt write-shards` or cvt.data.index_shards"
+                )
+            bad = next(((label, key) for label, key in sorted(scan.labels.items()) if not 0 <= label < classes), None)
+            if bad is not None:
+                raise ValueError(_label_error(path, bad[1], bad[0], classes))
+        return sum(self.scan(path).samples for path in self.shards)
+
+    def scan(self, path: str) -> ShardScan:
+        """`scan_shard(path)`, once per process."""
+        if path not in self._scans:
+            self._scans[path] = scan_shard(path)
+        return self._scans[path]
 
     def _worker_plan(self) -> tuple[int, int, list[tuple[int, str]], int]:
         """(worker, workers, shards it reads, stride): a stride n > 1 keeps every n-th sample of the shards."""
@@ -248,18 +339,7 @@ class TarShardDataset(IterableDataset):
         """Samples this rank yields per epoch: `set_epoch_length`'s, else those in its shards (from the tar headers)."""
         if self.epoch_batches is not None:
             return self.epoch_batches * self.batch_size
-        return sum(self._count(path) for _, path in self.rank_shards())
-
-    def _count(self, path: str) -> int:
-        if path not in self._counts:
-            keys = set()
-            try:
-                with tarfile.open(path, mode="r") as tar:
-                    keys.update(_split_key(m.name)[0] for m in tar if m.isfile() and is_image_file(m.name))
-            except (tarfile.TarError, OSError, EOFError) as err:
-                logger.warning("%s: damaged shard, counted the %d samples before the damage (%s)", path, len(keys), err)
-            self._counts[path] = len(keys)
-        return self._counts[path]
+        return sum(self.scan(path).samples for _, path in self.rank_shards())
 
     def _skip(self, name: str, reason: str) -> None:
         if self.strict:
@@ -271,9 +351,9 @@ class TarShardDataset(IterableDataset):
     def _samples(self, shards: list[tuple[int, str]], stride: int, worker: int, rep: int) -> Iterator[tuple[Any, int]]:
         """One pass (`rep`, from 0) over `shards`, keeping the samples at positions = worker (mod stride)."""
         for shard_index, path in shards:
-            position = 0
+            position, damaged = 0, []
             try:
-                for key, files in iter_tar_samples(path):
+                for key, files in iter_tar_samples(path, damaged=damaged):
                     name = f"{path}:{key}"
                     image_ext = next((ext for ext in files if is_image_file(ext)), None)
                     try:
@@ -283,11 +363,16 @@ class TarShardDataset(IterableDataset):
                     if image_ext is None or label is None:
                         self._skip(name, f"sample has members {sorted(files)}; it needs an image and a .cls label")
                         continue
+                    if not 0 <= label < len(self.classes):
+                        raise ValueError(_label_error(path, key, label, len(self.classes)))
                     position += 1
                     if (position - 1) % stride != worker % stride:
                         continue
                     try:
-                        image = load_image(files[image_ext], name=f"{name}.{image_ext}", max_pixels=self.max_pixels)
+                        data = files[image_ext]
+                        if isinstance(data, UnreadableImageError):
+                            raise data
+                        image = load_image(data, name=f"{name}.{image_ext}", max_pixels=self.max_pixels)
                     except UnreadableImageError as err:
                         self._skip(err.path, err.reason)
                         continue
@@ -298,6 +383,8 @@ class TarShardDataset(IterableDataset):
                     yield image, label
             except (tarfile.TarError, OSError, EOFError) as err:
                 self._skip(path, f"damaged shard, stopped reading it ({type(err).__name__}: {err})")
+            for note in damaged:
+                self._skip(f"{path} {note.partition(':')[0]}", f"damaged tar data, the sample there is lost ({note})")
 
     def _stream(self) -> Iterator[tuple[Any, int]]:
         """This worker's samples: one pass, or with an epoch length passes without end (cut by `__iter__`)."""
@@ -419,8 +506,12 @@ def index_shards(source: str | os.PathLike, classes: Sequence[str] | None = None
     """
     folder = Path(source)
     paths = [Path(p) for p in expand_shards(folder)]
-    dataset = TarShardDataset([str(p) for p in paths], verify=False)
-    counts = [dataset._count(str(p)) for p in paths]
+    scans = [scan_shard(str(p)) for p in paths]
+    for path, scan in zip(paths, scans, strict=True):
+        if scan.damaged:
+            logger.warning("%s is damaged (%s): the manifest records the %d sample(s) that can be read",
+                           path, "; ".join(scan.damaged), scan.samples)  # fmt: skip
+    counts = [scan.samples for scan in scans]
     return _write_manifest(folder, paths, counts, list(classes) if classes is not None else None)
 
 
@@ -465,6 +556,20 @@ def read_manifest(shards: Sequence[str], *, whole: bool = False) -> dict[str, in
     if missing:
         raise ValueError(f"{folder} lacks shard(s) {', '.join(missing[:3])} that {path} lists; {redo}")
     return counts
+
+
+def _label_error(path: str, key: str, label: int, classes: int) -> str:
+    return (
+        f"{path} sample {key}: label {label} is not a class index (the dataset has {classes} classes, "
+        f"0..{classes - 1}; {CLASSES_FILE} beside the shards names them): the shards and their classes disagree"
+    )
+
+
+def read_class_names(path: Path) -> list[str]:
+    """The class names of a `classes.txt`, one per line (blank lines ignored), checked with `check_class_names`."""
+    names = [line for line in path.read_text("utf-8").splitlines() if line.strip()]
+    check_class_names(names, str(path))
+    return names
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -1,0 +1,183 @@
+"""Inputs that are not what their name says, one bad item among good ones, and pre-emption with loader workers
+(issue 23, classes 3, 4 and 5, and the predict/eval arguments of class 7).
+
+Each case here was seen failing before its fix: a FIFO named x.jpg hung `cvt eval`, a damaged tar header dropped
+samples without a word, `cvt predict` stopped at the first unreadable image, a process-group SIGTERM killed the
+loader workers and the run with them.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+from cvt import create_model
+from cvt.checkpoint import save_model
+from cvt.cli import main
+from cvt.config import DataConfig
+from cvt.data import (
+    ListDataset,
+    UnreadableImageError,
+    load_image,
+    make_dataset,
+    open_dataset,
+    write_shards,
+)
+from cvt.train import TrainConfig
+from test_train_scale import deadline  # a hang fails the test
+
+TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
+BIAS = [3.0, 2.0, 1.0]  # the constant model's logits, whatever the image
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """3 classes x 8 training and 2 validation images, 32x32."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "shapes", num_classes=3, train_per_class=8,
+                        val_per_class=2, image_size=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(shapes, tmp_path_factory):
+    """A tiny model whose head answers BIAS for every image: class 0 first, whatever it sees."""
+    model = create_model("cvt_13", num_classes=3, **TINY)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor(BIAS))
+    model.data_config = DataConfig(input_size=(32, 32), crop_mode="center", crop_pct=0.875)
+    model.class_names = sorted(p.name for p in (shapes / "val").iterdir())
+    return save_model(model, tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture
+def data(shapes, tmp_path):
+    """A private copy of the dataset, to spoil."""
+    return shutil.copytree(shapes, tmp_path / "shapes")
+
+
+def val_files(root):
+    return sorted(p for p in (root / "val").rglob("*") if p.is_file())
+
+
+# ---- class 3: inputs that are not what their name says -----------------------------------------------------------
+
+
+def test_fifo_named_jpg_is_skipped_by_eval_and_check_data_without_hanging(data, model_dir, tmp_path, capsys):
+    fifo = data / "val" / val_files(data)[0].parent.name / "zz-pipe.jpg"
+    os.mkfifo(fifo)
+    with deadline(60):
+        assert main(["check-data", str(data), "--split", "val"]) == 1
+        captured = capsys.readouterr()
+        assert f"{fifo}: not a regular file but a FIFO" in captured.out and "6 readable, 1 unreadable" in captured.out
+        code = main(["eval", "--model", str(model_dir), "--data", str(data), "--json", str(tmp_path / "r.json"),
+                     "--output", str(tmp_path / "eval"), "--no-optimize"])  # fmt: skip
+    assert code == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["count"] == 6 and [s["path"] for s in res["skipped"]] == [str(fifo)]
+    assert str(fifo) in capsys.readouterr().err
+
+
+def test_link_to_dev_zero_named_jpg_is_not_read(tmp_path):
+    link = tmp_path / "zero.jpg"
+    link.symlink_to("/dev/zero")
+    with deadline(10), pytest.raises(UnreadableImageError, match="not a regular file but a character device"):
+        load_image(link)
+
+
+def test_file_above_the_size_limit_is_refused_before_it_is_read(shapes):
+    image = val_files(shapes)[0]
+    size = image.stat().st_size
+    with pytest.raises(UnreadableImageError, match=f"{size:,} bytes is above the image file limit of 100 bytes"):
+        load_image(image, max_bytes=100)
+    assert load_image(image, max_bytes=size).size == (32, 32)
+
+
+def damage_member_header(shard, index):
+    """Overwrite the checksum of member `index`'s header (tar members of small files: one header + data blocks)."""
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[index]
+    with open(shard, "r+b") as f:
+        f.seek(member.offset + 148)  # the header's checksum field
+        f.write(b"9999999\0")
+    return member
+
+
+@pytest.fixture
+def one_shard(shapes, tmp_path):
+    """The 24 training images in one shard (48 members)."""
+    train = open_dataset(shapes, split="train")
+    write_shards(train.samples, train.classes, tmp_path / "shards", shard_size=24, shuffle=False)
+    return tmp_path / "shards"
+
+
+def test_damaged_tar_header_mid_shard_is_counted_and_reported(one_shard, caplog, capsys):
+    shard = one_shard / "shard-000000.tar"
+    damage_member_header(shard, 28)  # the image of sample 14: before the fix samples 14-23 vanished silently
+    dataset = open_dataset(one_shard)
+    with caplog.at_level(logging.WARNING):
+        assert dataset.total_samples() == 23  # sized by what is there (the manifest says 24: damage explains it)
+        assert "1 damaged stretch(es)" in caplog.text and "member 28: damaged, bytes 42496-44032" in caplog.text
+        samples = list(dataset)
+    assert len(samples) == 23  # only the sample whose header broke is lost
+    assert any("member 28" in name for name in dataset.skipped)
+    assert main(["check-data", str(one_shard)]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard} member 28: damaged tar data" in out and "23 readable" in out
+
+
+def test_manifest_whose_counts_lie_is_refused(one_shard):
+    manifest = one_shard / "shards.json"
+    record = json.loads(manifest.read_text())
+    record["shards"]["shard-000000.tar"]["samples"] *= 4000
+    manifest.write_text(json.dumps(record))
+    lie = r"shard-000000.tar holds 24 sample\(s\), its manifest shards.json records 96000"
+    with pytest.raises(ValueError, match=lie):
+        open_dataset(one_shard).total_samples()
+
+
+def test_label_out_of_range_in_a_shard_names_the_shard_and_sample(one_shard):
+    (one_shard / "classes.txt").write_text("a\nb\n")  # the shard's labels run to 2
+    dataset = open_dataset(one_shard)
+    with pytest.raises(ValueError, match=r"shard-000000.tar sample 000000\d\d: label 2 is not a class index"):
+        dataset.total_samples()
+    with pytest.raises(ValueError, match=r"shard-000000.tar sample 000000\d\d: label 2 is not a class index"):
+        list(dataset)
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", " lead", "trail ", "a/b", "back\\slash", "", ".."])
+def test_csv_class_name_that_cannot_round_trip_is_refused(shapes, tmp_path, name):
+    images = val_files(shapes)
+    rows = [(str(images[0]), "cat"), (str(images[1]), name), (str(images[2]), "dog")]
+    csv_file = tmp_path / "list.csv"
+    with open(csv_file, "w", newline="") as f:
+        import csv  # noqa: PLC0415
+
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)  # quoted: the spaces are the name's
+    with pytest.raises(ValueError, match=r"class name .* cannot be written to classes.txt"):
+        ListDataset(csv_file)
+
+
+def test_csv_spaces_after_the_comma_are_formatting(shapes, tmp_path):
+    images = val_files(shapes)
+    csv_file = tmp_path / "list.csv"
+    csv_file.write_text(f"{images[0]}, cat\n{images[1]}, dog\n")
+    assert ListDataset(csv_file).classes == ["cat", "dog"]
+
+
+def test_folder_and_classes_txt_names_that_cannot_round_trip_are_refused(data, one_shard):
+    os.rename(data / "val" / val_files(data)[0].parent.name, data / "val" / "line\nbreak")
+    with pytest.raises(ValueError, match=r"class name 'line\\nbreak' cannot be written"):
+        open_dataset(data, split="val")
+    (one_shard / "classes.txt").write_text("a\n b\nc\n")
+    with pytest.raises(ValueError, match=r"class name ' b' cannot be written .*leading or trailing white space"):
+        _ = open_dataset(one_shard).classes
+
+
