@@ -181,3 +181,113 @@ def test_folder_and_classes_txt_names_that_cannot_round_trip_are_refused(data, o
         _ = open_dataset(one_shard).classes
 
 
+# ---- class 4: one bad item spoils the rest -----------------------------------------------------------------------
+
+
+def spoil(root):
+    """One corrupt image and one FIFO named .jpg among the validation images; returns them."""
+    corrupt = val_files(root)[1]
+    corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
+    fifo = corrupt.parent / "zz-pipe.jpg"
+    os.mkfifo(fifo)
+    return corrupt, fifo
+
+
+def test_predict_predicts_every_readable_image_and_lists_the_others(data, model_dir, capsys):
+    corrupt, fifo = spoil(data)
+    with deadline(60):
+        code = main(["predict", "--model", str(model_dir), str(data / "val"), "--topk", "1", "--json", "--no-optimize"])
+    captured = capsys.readouterr()
+    assert code == 1
+    results = json.loads(captured.out)
+    failed = {r["path"]: r["error"] for r in results if "error" in r}
+    assert set(failed) == {str(corrupt), str(fifo)} and "FIFO" in failed[str(fifo)]
+    good = [r for r in results if "predictions" in r]
+    assert len(good) == 5 and all(r["predictions"][0]["index"] == 0 for r in good)  # BIAS: class 0 first
+    assert f"unreadable: {corrupt}" in captured.err and "2 of 7 image(s) could not be read" in captured.err
+    assert main(["predict", "--model", str(model_dir), str(data / "val"), "--topk", "1", "--no-optimize"]) == 1
+    assert len(capsys.readouterr().out.splitlines()) == 5
+
+
+def test_eval_counts_exactly_the_readable_images(data, model_dir, tmp_path, capsys):
+    corrupt, fifo = spoil(data)
+    with deadline(60):
+        code = main(["eval", "--model", str(model_dir), "--data", str(data), "--json", "--batch-size", "4",
+                     "--output", str(tmp_path / "eval"), "--no-optimize"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    res = json.loads(captured.out)
+    classes = res["classes"]
+    # by hand: the model always answers class 0; 2 images per class, the corrupt one lost from its class
+    per_class = {name: 2 - (name == corrupt.parent.name) for name in classes}
+    assert res["count"] == 5 and {n: r["count"] for n, r in res["per_class"].items()} == per_class
+    assert res["top1"] == pytest.approx(100 * per_class[classes[0]] / 5)
+    assert {s["path"] for s in res["skipped"]} == {str(corrupt), str(fifo)}
+    assert "2 unreadable image(s) left out" in captured.err and "eval" in captured.err  # and a progress bar
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_out_of_memory_names_batch_size(data, model_dir, tmp_path, monkeypatch, capsys, command):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("cvt.predict.evaluate" if command == "eval" else "cvt.predict.create_eval_transform",
+                        exhausted)  # fmt: skip
+    args = ["--data", str(data)] if command == "eval" else [str(data / "val")]
+    args.append("--no-optimize")
+    assert (
+        main(
+            [
+                command,
+                "--model",
+                str(model_dir),
+                *args,
+                "--batch-size",
+                "16",
+                "--output" if command == "eval" else "--topk",
+                str(tmp_path / "e") if command == "eval" else "1",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "out of memory with --batch-size 16" in err and "try --batch-size 8" in err and len(err.splitlines()) == 1
+
+
+# ---- class 7: arguments of predict and eval ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-3", "0", "two"])
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_batch_size_below_one_is_a_usage_error(model_dir, capsys, command, value):
+    args = ["--data", "x"] if command == "eval" else ["x.jpg"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--model", str(model_dir), *args, "--batch-size", value])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --batch-size" in last and value in last
+
+
+def test_predict_json_into_a_closed_pipe_ends_quietly(shapes, model_dir):
+    cmd = [
+        sys.executable,
+        "-m",
+        "cvt",
+        "predict",
+        "--model",
+        str(model_dir),
+        str(shapes / "val"),
+        "--json",
+        "-",
+        "--no-optimize",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # `| head` that has read enough: the reader is gone before anything is written
+    try:
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert "BrokenPipeError" not in err and "Traceback" not in err, err
+
+
