@@ -291,3 +291,53 @@ def test_predict_json_into_a_closed_pipe_ends_quietly(shapes, model_dir):
     assert "BrokenPipeError" not in err and "Traceback" not in err, err
 
 
+# ---- class 5: pre-emption with loader workers --------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def wait_for(predicate, proc: subprocess.Popen, seconds: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail if `proc` ends first or `seconds` pass (a hang fails, it does not wait)."""
+    end = time.monotonic() + seconds
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > end:
+            raise AssertionError(f"no {what} after {seconds} s")
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="Linux /proc")
+def test_process_group_sigterm_with_loader_workers_saves_and_exits_75(tmp_path):
+    # what SLURM and Kubernetes do: SIGTERM to every process of the job, the loader workers included. Sent while
+    # the workers make the first batches, what failed before the fix every time ("DataLoader worker killed by
+    # signal", exit 1, nothing saved); 30 steps per epoch keep the kill away from an epoch's end.
+    data = make_dataset(tmp_path / "data", num_classes=3, train_per_class=40, val_per_class=1, image_size=32)
+    out = tmp_path / "run"
+    cfg = TrainConfig(model_kwargs=dict(TINY), data=str(data), val_split=None, input_size=32, batch_size=4,
+                      num_workers=2, epochs=100, warmup_epochs=0, amp="none", auto_augment=None, mixup_alpha=0.0,
+                      cutmix_alpha=0.0, output=str(out), progress=False, num_threads=1)  # fmt: skip
+    config = tmp_path / "tiny.py"
+    config.write_text('"""A tiny run.\n\n    cvt train --config tiny.py\n\nResult: none to speak of.\n"""\n'
+                      "from cvt.train import TrainConfig\n\n\n"
+                      f"def get_config():\n    return TrainConfig(**{cfg.to_dict()!r})\n")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "cvt", "train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: len(children(proc.pid)) >= 2, proc, 120, "loader workers")
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "SIGTERM: stopped at epoch" in stderr and "killed by signal" not in stderr
+    assert json.loads(stdout)["preempted"] == "SIGTERM"
+    ckpt = torch.load(out / "last.pt", weights_only=True)  # the full state, that --resume continues from
+    assert {"model", "optimizer", "global_step"} <= set(ckpt)
