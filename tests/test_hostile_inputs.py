@@ -31,6 +31,7 @@ from cvt.data import (
     open_dataset,
     write_shards,
 )
+from cvt.data.shards import iter_tar_samples
 from cvt.train import TrainConfig
 from test_train_scale import deadline  # a hang fails the test
 
@@ -133,7 +134,7 @@ def test_damaged_tar_header_mid_shard_is_counted_and_reported(one_shard, caplog,
     assert f"{shard} member 28: damaged tar data" in out and "23 readable" in out
 
 
-def test_manifest_whose_counts_lie_is_refused(one_shard):
+def test_manifest_whose_counts_lie_is_refused(one_shard, capsys):
     manifest = one_shard / "shards.json"
     record = json.loads(manifest.read_text())
     record["shards"]["shard-000000.tar"]["samples"] *= 4000
@@ -141,6 +142,16 @@ def test_manifest_whose_counts_lie_is_refused(one_shard):
     lie = r"shard-000000.tar holds 24 sample\(s\), its manifest shards.json records 96000"
     with pytest.raises(ValueError, match=lie):
         open_dataset(one_shard).total_samples()
+    assert main(["check-data", str(one_shard)]) == 1
+    assert "records 96000" in capsys.readouterr().err
+
+
+def test_tar_member_above_the_size_limit_is_not_read(one_shard):
+    shard = str(one_shard / "shard-000000.tar")
+    _, files = next(iter_tar_samples(shard, max_bytes=100))
+    assert isinstance(files["jpg"], UnreadableImageError)
+    assert "above the image file limit of 100 bytes" in files["jpg"].reason
+    assert files["cls"] == b"0"  # a small member is read
 
 
 def test_label_out_of_range_in_a_shard_names_the_shard_and_sample(one_shard):
