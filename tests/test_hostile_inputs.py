@@ -31,7 +31,7 @@ from cvt.data import (
     open_dataset,
     write_shards,
 )
-from cvt.data.shards import iter_tar_samples
+from cvt.data.tar_scan import iter_tar_samples
 from cvt.train import TrainConfig
 from test_train_scale import deadline  # a hang fails the test
 
