@@ -282,7 +282,8 @@ class TarShardDataset(IterableDataset):
             except (tarfile.TarError, OSError, EOFError) as err:
                 self._skip(path, f"damaged shard, stopped reading it ({type(err).__name__}: {err})")
             for note in damaged:
-                self._skip(f"{path} {note.partition(':')[0]}", f"damaged tar data, the sample there is lost ({note})")
+                where, _, what = note.partition(": ")
+                self._skip(f"{path} {where}", f"damaged tar data: {what}; the sample stored there is lost")
 
     def _stream(self) -> Iterator[tuple[Any, int]]:
         """This worker's samples: one pass, or with an epoch length passes without end (cut by `__iter__`)."""

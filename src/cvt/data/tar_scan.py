@@ -32,7 +32,7 @@ def _members(tar: tarfile.TarFile, damaged: list[str]) -> Iterator[tarfile.TarIn
     end = 0  # where the next member's header should start
     for index, member in enumerate(tar):
         if member.offset != end:
-            damaged.append(f"member {index}: damaged, bytes {end}-{member.offset} are no tar member")
+            damaged.append(f"member {index}: bytes {end}-{member.offset} are no tar member (a damaged header)")
         end = tar.offset
         yield member
 
