@@ -15,9 +15,10 @@ Manifest: `cvt write-shards` writes each shard under a temporary name and, after
 beside them: the classes, and every shard's sample count and size. Reading refuses shards without a manifest (an
 interrupted write-shards, whose finished shards would open silently as a smaller dataset) and shards that disagree
 with it (missing, extra, or another size); `index_shards` writes one for complete shards made by other tools.
-Before training sizes its epoch, `scan` reads every shard's tar headers and `.cls` members (not the images): a
-manifest whose counts differ from what the shards hold is refused, and so is a label outside the classes (naming
-the shard and the sample).
+The manifest's counts are checked against the shards: for nothing against their sizes before an epoch is sized
+(`total_samples`), exactly whenever a shard is read whole, and for every shard by `verify` (`cvt check-data`, which
+reads the tar headers and `.cls` members, not the images). A label outside the classes is an error naming the shard
+and the sample.
 
 Damage (see `tar_scan`): every damaged stretch of a shard is reported by shard and member index: as a warning
 while training, as an unreadable entry by `cvt check-data` (which then exits 1), as an error with `strict`.
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 CLASSES_FILE = "classes.txt"
 MANIFEST_FILE = "shards.json"
 MANIFEST_FORMAT = "cvt.shards"
+MIN_SAMPLE_BYTES = 3 * tarfile.BLOCKSIZE  # an image member's header, a .cls member's header and its data block
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -188,10 +190,28 @@ class TarShardDataset(IterableDataset):
         self.epoch_batches, self.batch_size = int(batches), int(batch_size)
 
     def total_samples(self) -> int:
-        """Samples in all shards (every rank's), from the tar headers: the same number on every rank.
+        """Samples in all shards (every rank's): the same number on every rank.
 
-        Every shard is scanned (`scan_shard`) and checked: against the manifest's count, and its labels against
-        the classes. Damage is logged as a warning with its count (the samples there are lost).
+        From the manifest, without reading the shards, after a check that costs nothing: a sample takes at least
+        `MIN_SAMPLE_BYTES` of tar, so a count the shard's size cannot hold is refused. Reading a shard whole then
+        checks its count exactly (an error naming the shard), and `verify` (`cvt check-data`) checks every shard
+        before anything runs. Without a manifest, the shards are scanned.
+
+        Raises:
+            ValueError: a manifest count that the shard's size cannot hold; the message names the shard.
+        """
+        if not self._manifest:
+            return sum(self.scan(path).samples for path in self.shards)
+        for path, count in self._manifest.items():
+            most = os.path.getsize(path) // MIN_SAMPLE_BYTES
+            if count > most:
+                raise ValueError(_count_error(path, f"at most {most}", count))
+        return sum(self._manifest.values())
+
+    def verify(self) -> int:
+        """Scan every shard (`scan_shard`: its tar headers and labels, not its images) and check it: the manifest's
+        count against the samples found, the labels against the classes. Damage is logged as a warning with its
+        count (the samples there are lost). Returns the samples found.
 
         Raises:
             ValueError: a manifest count that the shard does not hold (and no damage explains), or a label that is
@@ -203,12 +223,8 @@ class TarShardDataset(IterableDataset):
             if scan.damaged:
                 logger.warning("%s: %d damaged stretch(es), the samples there are lost: %s; `cvt check-data` lists "
                                "them", path, len(scan.damaged), "; ".join(scan.damaged))  # fmt: skip
-            listed = self._manifest.get(path)
-            if listed is not None and listed != scan.samples and not scan.damaged:
-                raise ValueError(
-                    f"{path} holds {scan.samples} sample(s), its manifest {MANIFEST_FILE} records {listed}: the "
-                    "manifest does not describe these shards; rerun `cvt write-shards` or cvt.data.index_shards"
-                )
+            if self._manifest.get(path, scan.samples) != scan.samples and not scan.damaged:
+                raise ValueError(_count_error(path, scan.samples, self._manifest[path]))
             bad = next(((label, key) for label, key in sorted(scan.labels.items()) if not 0 <= label < classes), None)
             if bad is not None:
                 raise ValueError(_label_error(path, bad[1], bad[0], classes))
@@ -249,30 +265,18 @@ class TarShardDataset(IterableDataset):
     def _samples(self, shards: list[tuple[int, str]], stride: int, worker: int, rep: int) -> Iterator[tuple[Any, int]]:
         """One pass (`rep`, from 0) over `shards`, keeping the samples at positions = worker (mod stride)."""
         for shard_index, path in shards:
-            position, damaged = 0, []
+            position, images, damaged = 0, 0, []
             try:
                 for key, files in iter_tar_samples(path, damaged=damaged):
-                    name = f"{path}:{key}"
-                    image_ext = next((ext for ext in files if is_image_file(ext)), None)
-                    try:
-                        label = sample_label(files)
-                    except ValueError:
-                        label = None
-                    if image_ext is None or label is None:
-                        self._skip(name, f"sample has members {sorted(files)}; it needs an image and a .cls label")
+                    images += any(is_image_file(ext) for ext in files)
+                    label = self._label(path, key, files)
+                    if label is None:
                         continue
-                    if not 0 <= label < len(self.classes):
-                        raise ValueError(_label_error(path, key, label, len(self.classes)))
                     position += 1
                     if (position - 1) % stride != worker % stride:
                         continue
-                    try:
-                        data = files[image_ext]
-                        if isinstance(data, UnreadableImageError):
-                            raise data
-                        image = load_image(data, name=f"{name}.{image_ext}", max_pixels=self.max_pixels)
-                    except UnreadableImageError as err:
-                        self._skip(err.path, err.reason)
+                    image = self._decode(path, key, files)
+                    if image is None:
                         continue
                     if self.transform is not None:
                         keys = (self.seed, self.epoch, shard_index, position - 1) + ((rep,) if rep else ())
@@ -280,10 +284,41 @@ class TarShardDataset(IterableDataset):
                             image = self.transform(image)
                     yield image, label
             except (tarfile.TarError, OSError, EOFError) as err:
-                self._skip(path, f"damaged shard, stopped reading it ({type(err).__name__}: {err})")
+                damaged.append(f"end: damaged shard, stopped reading it ({type(err).__name__}: {err})")
             for note in damaged:
                 where, _, what = note.partition(": ")
                 self._skip(f"{path} {where}", f"damaged tar data: {what}; the sample stored there is lost")
+            if not damaged and self._manifest.get(path, images) != images:  # a whole pass: the manifest is checked
+                raise ValueError(_count_error(path, images, self._manifest[path]))
+
+    def _label(self, path: str, key: str, files: dict[str, Any]) -> int | None:
+        """The sample's label, or None (skipped, reported) without an image and a label.
+
+        Raises:
+            ValueError: the label is not a class index.
+        """
+        try:
+            label = sample_label(files)
+        except ValueError:
+            label = None
+        if label is None or not any(is_image_file(ext) for ext in files):
+            self._skip(f"{path}:{key}", f"sample has members {sorted(files)}; it needs an image and a .cls label")
+            return None
+        if not 0 <= label < len(self.classes):
+            raise ValueError(_label_error(path, key, label, len(self.classes)))
+        return label
+
+    def _decode(self, path: str, key: str, files: dict[str, Any]) -> Any:
+        """The sample's image, or None (skipped, reported) when it cannot be read."""
+        image_ext = next(ext for ext in files if is_image_file(ext))
+        try:
+            data = files[image_ext]
+            if isinstance(data, UnreadableImageError):
+                raise data
+            return load_image(data, name=f"{path}:{key}.{image_ext}", max_pixels=self.max_pixels)
+        except UnreadableImageError as err:
+            self._skip(err.path, err.reason)
+            return None
 
     def _stream(self) -> Iterator[tuple[Any, int]]:
         """This worker's samples: one pass, or with an epoch length passes without end (cut by `__iter__`)."""
@@ -455,6 +490,13 @@ def read_manifest(shards: Sequence[str], *, whole: bool = False) -> dict[str, in
     if missing:
         raise ValueError(f"{folder} lacks shard(s) {', '.join(missing[:3])} that {path} lists; {redo}")
     return counts
+
+
+def _count_error(path: str, found: int | str, listed: int) -> str:
+    return (
+        f"{path} holds {found} sample(s), its manifest {MANIFEST_FILE} records {listed}: the manifest does not "
+        "describe these shards; rerun `cvt write-shards` or cvt.data.index_shards"
+    )
 
 
 def _label_error(path: str, key: str, label: int, classes: int) -> str:
