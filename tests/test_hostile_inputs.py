@@ -32,7 +32,7 @@ from cvt.data import (
     write_shards,
 )
 from cvt.data.tar_scan import iter_tar_samples
-from cvt.train import TrainConfig
+from cvt.train import TrainConfig, preempt
 from test_train_scale import deadline  # a hang fails the test
 
 TINY = {"dims": [16, 32, 48], "depths": [1, 1, 1], "heads": [1, 1, 2]}
@@ -62,6 +62,20 @@ def model_dir(shapes, tmp_path_factory):
 def data(shapes, tmp_path):
     """A private copy of the dataset, to spoil."""
     return shutil.copytree(shapes, tmp_path / "shapes")
+
+
+def write_config(path, cfg: TrainConfig):
+    path.write_text('"""A tiny run.\n\n    cvt train --config tiny.py\n\nResult: none to speak of.\n"""\n'
+                    "from cvt.train import TrainConfig\n\n\n"
+                    f"def get_config():\n    return TrainConfig(**{cfg.to_dict()!r})\n")  # fmt: skip
+    return path
+
+
+def tiny_config(data, output, **kw) -> TrainConfig:
+    base = dict(model_kwargs=dict(TINY), data=str(data), val_split=None, input_size=32, batch_size=4, epochs=1,
+                warmup_epochs=0, amp="none", auto_augment=None, mixup_alpha=0.0, cutmix_alpha=0.0, output=str(output),
+                progress=False, num_threads=1)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
 
 
 def val_files(root):
@@ -159,6 +173,19 @@ def test_tar_member_above_the_size_limit_is_not_read(one_shard):
     assert isinstance(files["jpg"], UnreadableImageError)
     assert "above the image file limit of 100 bytes" in files["jpg"].reason
     assert files["cls"] == b"0"  # a small member is read
+
+
+def test_a_shard_error_in_a_loader_worker_is_one_line(shapes, tmp_path, capsys):
+    train = open_dataset(shapes, split="train")
+    write_shards(train.samples, train.classes, tmp_path / "data" / "train", shard_size=12, shuffle=False)
+    manifest = tmp_path / "data" / "train" / "shards.json"
+    record = json.loads(manifest.read_text())
+    record["shards"]["shard-000000.tar"]["samples"] = 13
+    manifest.write_text(json.dumps(record))
+    config = write_config(tmp_path / "tiny.py", tiny_config(tmp_path / "data", tmp_path / "run", num_workers=2))
+    assert main(["train", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("cvt train: error: ") and "shard-000000.tar holds 12 sample(s)" in err  # no traceback
 
 
 def test_label_out_of_range_in_a_shard_names_the_shard_and_sample(one_shard):
@@ -335,13 +362,8 @@ def test_process_group_sigterm_with_loader_workers_saves_and_exits_75(tmp_path):
     # signal", exit 1, nothing saved); 30 steps per epoch keep the kill away from an epoch's end.
     data = make_dataset(tmp_path / "data", num_classes=3, train_per_class=40, val_per_class=1, image_size=32)
     out = tmp_path / "run"
-    cfg = TrainConfig(model_kwargs=dict(TINY), data=str(data), val_split=None, input_size=32, batch_size=4,
-                      num_workers=2, epochs=100, warmup_epochs=0, amp="none", auto_augment=None, mixup_alpha=0.0,
-                      cutmix_alpha=0.0, output=str(out), progress=False, num_threads=1)  # fmt: skip
-    config = tmp_path / "tiny.py"
-    config.write_text('"""A tiny run.\n\n    cvt train --config tiny.py\n\nResult: none to speak of.\n"""\n'
-                      "from cvt.train import TrainConfig\n\n\n"
-                      f"def get_config():\n    return TrainConfig(**{cfg.to_dict()!r})\n")  # fmt: skip
+    cfg = tiny_config(data, out, num_workers=2, epochs=100)
+    config = write_config(tmp_path / "tiny.py", cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "cvt", "train", "--config", str(config)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -359,3 +381,38 @@ def test_process_group_sigterm_with_loader_workers_saves_and_exits_75(tmp_path):
     assert json.loads(stdout)["preempted"] == "SIGTERM"
     ckpt = torch.load(out / "last.pt", weights_only=True)  # the full state, that --resume continues from
     assert {"model", "optimizer", "global_step"} <= set(ckpt)
+
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, index):
+        time.sleep(0.005)
+        return index
+
+
+def test_loader_worker_outlives_a_foreign_sigterm_for_the_grace_only(monkeypatch):
+    # the unit under the test above: a signal from elsewhere (the scheduler) does not stop a worker, for a while
+    monkeypatch.setattr(preempt, "WORKER_GRACE_S", 3)  # read in the worker, forked after this
+    batches = iter(preempt.ShieldedLoader(Slow(), batch_size=2, num_workers=1))
+    assert next(batches).tolist() == [0, 1]
+    (worker,) = batches._workers
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process than the parent
+    assert [next(batches).tolist() for _ in range(3)] == [[2, 3], [4, 5], [6, 7]]  # still serving
+    assert worker.is_alive()
+    with deadline(60), pytest.raises(RuntimeError, match=r"worker \(pid\(s\) \d+\) exited unexpectedly|exit code 1"):
+        worker.join()  # ends after the grace, not never
+        for _ in batches:
+            pass
+    assert worker.exitcode == 1
+
+
+def test_loader_worker_ends_at_once_on_its_parents_sigterm():
+    batches = iter(preempt.ShieldedLoader(Slow(), batch_size=2, num_workers=1))
+    next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGTERM)  # the loader's own last resort (multiprocessing's terminate)
+    worker.join(timeout=30)
+    assert worker.exitcode == 0
+    batches._shutdown_workers()

@@ -4,10 +4,12 @@ full state saved to last.pt; `cvt train` then exits with `PREEMPTED_EXIT_CODE`.
 
 Schedulers signal every process of the job (SLURM, Kubernetes: the whole process group), so the data loader's
 worker processes receive the signal too. A worker must not die of it: the trainer still needs batches until its
-step ends, and a dead worker fails the run before anything is saved. A `ShieldedLoader`'s workers outlive the
-signal by `WORKER_GRACE_S`, in which the trainer saves and shuts its workers down; a worker that is never shut down
-still ends then, so nothing waits for it for ever. The workers start with the signals blocked, so that one arriving
-while they start waits for their handler instead of meeting torch's (which dies of a signal its parent did not send).
+step ends, and a dead worker fails the run before anything is saved (torch's worker dies at once of a SIGTERM that
+its parent did not send). A `ShieldedLoader`'s workers start with the signals blocked and keep them blocked; one
+thread of each worker takes them with the sender's pid (`sigwaitinfo`): from the parent (the loader shutting it
+down, or the parent's exit) the worker ends at once, as torch's does; from anyone else it goes on working for
+`WORKER_GRACE_S`, in which the trainer saves and shuts it down, and ends then if it has not been, so nothing waits
+for it for ever.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with the state saved; run it again with --resume
-WORKER_GRACE_S = 120  # a loader worker ends this long after a pre-emption signal (SIGALRM), unless shut down before
+WORKER_GRACE_S = 120  # a loader worker ends this long after a scheduler's signal, unless shut down before
 
 
 class ShieldedLoader(DataLoader):
@@ -52,16 +56,25 @@ class ShieldedLoader(DataLoader):
 
 
 def _shield_worker(init_fn: Callable[[int], None] | None, worker_id: int) -> None:
-    for sig in PREEMPT_SIGNALS:  # replaces torch's SIGTERM handler in the worker
-        signal.signal(sig, _worker_signalled)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPT_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPT_SIGNALS)  # as inherited; every thread started later inherits it
+    threading.Thread(target=_take_signals, args=(os.getppid(),), name="cvt-signals", daemon=True).start()
     if init_fn is not None:
         init_fn(worker_id)
 
 
-def _worker_signalled(signum: int, frame: object) -> None:
-    pending = signal.alarm(0)
-    signal.alarm(pending or WORKER_GRACE_S)  # SIGALRM ends the worker; a later signal does not move the deadline
+def _take_signals(parent: int) -> None:
+    """A worker's signal thread: exit at once on a signal from `parent`, `WORKER_GRACE_S` after one from elsewhere."""
+    deadline = None
+    while True:
+        if deadline is None:
+            info = signal.sigwaitinfo(PREEMPT_SIGNALS)
+        else:
+            info = signal.sigtimedwait(PREEMPT_SIGNALS, max(deadline - time.monotonic(), 0.0))
+        if info is None:  # the grace has run out and the trainer has not shut this worker down
+            os._exit(1)
+        if info.si_pid == parent:  # the loader ends its worker (what torch's own handler does)
+            os._exit(0)
+        deadline = deadline or time.monotonic() + WORKER_GRACE_S  # a later signal does not move it
 
 
 class StopRequest:
