@@ -76,6 +76,11 @@ def iter_tar_samples(
 
 
 def sample_label(files: dict[str, bytes | UnreadableImageError]) -> int | None:
+    """The class index in a sample's `.cls` member, None without one.
+
+    Raises:
+        ValueError: the member does not hold an integer.
+    """
     data = files.get("cls")
     if not isinstance(data, bytes):
         return None
