@@ -262,6 +262,21 @@ class TarShardDataset(IterableDataset):
             self.skipped[name] = reason
             logger.warning("skipping %s: %s (strict=True fails instead)", name, reason)
 
+    def _damaged(self, path: str, damaged: list[str]) -> None:
+        """Record a shard's damaged stretches in `skipped` (one entry each) and warn once, with their count."""
+        new = []
+        for note in damaged:
+            where, _, what = note.partition(": ")
+            name, reason = f"{path} {where}", f"damaged tar data: {what}; the sample stored there is lost"
+            if self.strict:
+                raise UnreadableImageError(name, reason)
+            if name not in self.skipped:
+                self.skipped[name] = reason
+                new.append(note)
+        if new:
+            logger.warning("%s: %d damaged stretch(es), the samples stored there are lost: %s (`cvt check-data` "
+                           "lists them; strict=True fails instead)", path, len(new), "; ".join(new))  # fmt: skip
+
     def _samples(self, shards: list[tuple[int, str]], stride: int, worker: int, rep: int) -> Iterator[tuple[Any, int]]:
         """One pass (`rep`, from 0) over `shards`, keeping the samples at positions = worker (mod stride)."""
         for shard_index, path in shards:
@@ -285,9 +300,7 @@ class TarShardDataset(IterableDataset):
                     yield image, label
             except (tarfile.TarError, OSError, EOFError) as err:
                 damaged.append(f"end: damaged shard, stopped reading it ({type(err).__name__}: {err})")
-            for note in damaged:
-                where, _, what = note.partition(": ")
-                self._skip(f"{path} {where}", f"damaged tar data: {what}; the sample stored there is lost")
+            self._damaged(path, damaged)
             if not damaged and self._manifest.get(path, images) != images:  # a whole pass: the manifest is checked
                 raise ValueError(_count_error(path, images, self._manifest[path]))
 
