@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -105,6 +106,19 @@ def test_link_to_dev_zero_named_jpg_is_not_read(tmp_path):
     link.symlink_to("/dev/zero")
     with deadline(10), pytest.raises(UnreadableImageError, match="not a regular file but a character device"):
         load_image(link)
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "socket", "directory"])
+def test_other_non_regular_files_are_refused_from_their_stat(tmp_path, kind):
+    path, server = tmp_path / "x.jpg", socket.socket(socket.AF_UNIX)
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "socket":
+        server.bind(str(path))
+    else:
+        path.mkdir()
+    with server, deadline(10), pytest.raises(UnreadableImageError, match=f"not a regular file but a {kind}"):
+        load_image(path)
 
 
 def test_file_above_the_size_limit_is_refused_before_it_is_read(shapes):
