@@ -15,6 +15,9 @@ from typing import Any
 from cvt.fileio import write_json
 from cvt.inference import BACKENDS
 
+# what torch's allocators say when memory runs out: CUDA's (torch.OutOfMemoryError) and the CPU's RuntimeError
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
 
 def positive_int(value: str) -> int:
     """argparse type: an integer >= 1 (`--batch-size 0` and `-3` are usage errors naming the value)."""
@@ -71,7 +74,7 @@ def batch_memory_hint(batch_size: int) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, MemoryError) as err:
-        if not isinstance(err, MemoryError) and "out of memory" not in str(err):
+        if not isinstance(err, MemoryError) and not any(marker in str(err) for marker in OUT_OF_MEMORY):
             raise
         smaller = f"--batch-size {batch_size // 2}" if batch_size > 1 else "a smaller input size or another device"
         detail = str(err).strip().splitlines()[0] if str(err).strip() else "no details"
