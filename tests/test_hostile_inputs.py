@@ -198,7 +198,7 @@ def test_a_shard_error_in_a_loader_worker_is_one_line(shapes, tmp_path, capsys):
     record = json.loads(manifest.read_text())
     record["shards"]["shard-000000.tar"]["samples"] = 13
     manifest.write_text(json.dumps(record))
-    config = write_config(tmp_path / "tiny.py", tiny_config(tmp_path / "data", tmp_path / "run", num_workers=2))
+    config = write_config(tmp_path / "tiny.py", tiny_config(tmp_path / "data", tmp_path / "run", num_workers=1))
     assert main(["train", "--config", str(config)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("cvt train: error: ") and "shard-000000.tar holds 12 sample(s)" in err  # no traceback
