@@ -108,7 +108,7 @@ def evaluate_model(
 
     `optimize`: run a `CvT` through `cvt.optimize_for_inference` with `backend` (see `inference_model`); False
     runs it as it is. `progress`: a progress bar on stderr. Unreadable images are left out of every figure and
-    listed under "skipped".
+    listed under "skipped" (tar shards read by loader workers: counted out exactly, but listed in the log only).
 
     Returns:
         A JSON-serialisable dict: "count" (readable images evaluated), "loss", "top1", "top5" (percent),
