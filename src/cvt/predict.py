@@ -3,6 +3,9 @@
 Both preprocess with `create_eval_transform(model.data_config)`: the evaluation protocol the weights were made for
 (resize 256 + centre crop 224 for the 224 models, squash to 384x384 for the 384 ones, or what a training run
 recorded).
+
+One bad file does not spoil the rest: an image that cannot be read (corrupt, not an image, a FIFO or device named
+like one, too large) is left out and listed with its reason, and every other image is evaluated or predicted.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from .data import create_eval_transform, is_image_file, load_image, open_dataset
+from .data import ImageDataset, UnreadableImageError, create_eval_transform, is_image_file, load_image, open_dataset
 from .engine import evaluate, per_class_accuracy
 from .fileio import atomic_write
 from .inference import is_optimized, optimize_for_inference
@@ -99,20 +102,23 @@ def evaluate_model(
     device: str | torch.device = "cpu",
     optimize: bool = True,
     backend: str = "auto",
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Loss, top-1/top-5, per-class accuracy and confusion matrix of `model` on the dataset at `data`.
+    """Loss, top-1/top-5, per-class accuracy and confusion matrix of `model` on the readable images at `data`.
 
     `optimize`: run a `CvT` through `cvt.optimize_for_inference` with `backend` (see `inference_model`); False
-    runs it as it is.
+    runs it as it is. `progress`: a progress bar on stderr. Unreadable images are left out of every figure and
+    listed under "skipped" (tar shards read by loader workers: counted out exactly, but listed in the log only).
 
     Returns:
-        A JSON-serialisable dict: "count", "loss", "top1", "top5" (percent), "classes", "per_class"
-        ({name: {"count", "top1"}}) and "confusion" (rows = true class, columns = predicted class).
+        A JSON-serialisable dict: "count" (readable images evaluated), "loss", "top1", "top5" (percent),
+        "classes", "per_class" ({name: {"count", "top1"}}), "confusion" (rows = true class, columns = predicted
+        class) and "skipped" ([{"path", "reason"}] of the images that could not be read).
     """
     dataset = open_eval_dataset(model, data, split=split)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    batches = _ReadableBatches(dataset, batch_size=batch_size, num_workers=num_workers)
     model = inference_model(model, device, optimize, backend, min(batch_size, len(dataset)))
-    res = evaluate(model, loader, num_classes=model.num_classes, device=device)
+    res = evaluate(model, batches, num_classes=model.num_classes, device=device, progress=progress)
     confusion = res["confusion"]
     names = _class_names(model) or [str(c) for c in dataset.classes]
     per_class = {
@@ -127,7 +133,48 @@ def evaluate_model(
         "classes": names,
         "per_class": per_class,
         "confusion": confusion.tolist(),
+        "skipped": [{"path": path, "reason": reason} for path, reason in sorted(batches.skipped.items())],
     }
+
+
+class _Masked(Dataset):
+    """(image, label, readable, path, reason) of a map-style `ImageDataset`: an unreadable image's slot holds the next
+    readable one, which keeps the batch's shape, with readable False, so `evaluate` leaves it out."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, bool, str, str]:
+        image, label = self.dataset[index]
+        path = self.dataset.samples[index][0]
+        reason = self.dataset.skipped.get(path)  # this process's record: the worker that decoded it
+        return image, label, reason is None, path, reason or ""
+
+
+class _ReadableBatches:
+    """Evaluation batches (images, targets, readable) of `dataset`, collecting the unreadable images' reasons in
+    `skipped` ({path: reason}) from whichever loader worker met them. A tar dataset drops them itself."""
+
+    def __init__(self, dataset: Any, *, batch_size: int, num_workers: int) -> None:
+        self.dataset = dataset
+        self.masked = isinstance(dataset, ImageDataset)
+        source = _Masked(dataset) if self.masked else dataset
+        self.loader = DataLoader(source, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            if self.masked:
+                self.skipped.update((path, why) for path, why in zip(batch[3], batch[4], strict=True) if why)
+            yield batch[:3]
+        if not self.masked:
+            self.skipped.update(getattr(self.dataset, "skipped", {}))
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike) -> Path:
@@ -164,13 +211,17 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
 
 
 def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files named in `inputs`; a directory contributes its image files, recursively, sorted."""
+    """Image files named in `inputs`; a directory contributes its entries with an image ending, recursively, sorted.
+
+    Entries are listed by name, not opened: one that is not a regular file (a FIFO or a device named x.jpg) is
+    listed too, so that reading it reports it instead of leaving it out without a word.
+    """
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)))
-        elif path.is_file():
+            files.extend(sorted(p for p in path.rglob("*") if is_image_file(p) and not p.is_dir()))
+        elif path.exists():
             files.append(path)
         else:
             raise FileNotFoundError(f"no image or directory at {path}")
@@ -190,29 +241,40 @@ def predict_images(
     optimize: bool = True,
     backend: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Top-k labels and softmax probabilities for each image file.
+    """Top-k labels and softmax probabilities for each image file; a file that cannot be read does not stop the
+    others.
 
     `optimize`: run a `CvT` through `cvt.optimize_for_inference` with `backend` (see `inference_model`); False
     runs it as it is.
 
     Returns:
-        One dict per image: {"path", "predictions": [{"label", "index", "probability"}, ...]}, best first.
+        One dict per image, in the order given: {"path", "predictions": [{"label", "index", "probability"}, ...]}
+        (best first), or {"path", "error"} for a file that cannot be read (see `cvt.data.load_image`).
     """
     transform = create_eval_transform(model.data_config)
     names = _class_names(model)
     paths = [Path(p) for p in images]
     model = inference_model(model, device, optimize, backend, min(batch_size, len(paths)))
     k = min(topk, model.num_classes)
-    out = []
+    out: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        batch = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
-        probs = model(batch).float().softmax(dim=-1)
+        chunk, tensors = [], []
+        for path in paths[start : start + batch_size]:
+            entry: dict[str, Any] = {"path": str(path)}
+            out.append(entry)
+            try:
+                tensors.append(transform(load_image(path)))
+            except UnreadableImageError as err:
+                entry["error"] = err.reason
+                continue
+            chunk.append(entry)
+        if not chunk:
+            continue
+        probs = model(torch.stack(tensors).to(device)).float().softmax(dim=-1)
         top = probs.topk(k, dim=-1)
-        for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
-            preds = [
+        for entry, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist(), strict=True):
+            entry["predictions"] = [
                 {"label": names[i] if names else str(i), "index": i, "probability": p}
                 for p, i in zip(values, indices, strict=True)
             ]
-            out.append({"path": str(path), "predictions": preds})
     return out

@@ -45,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: Exception) -> str:
+    """`err`'s message; of an error re-raised from a DataLoader worker, only the original's (torch writes the
+    worker's whole traceback into the message)."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].partition(": ")[2] or text
+    return text
+
+
 # errors that say what is wrong with the input or the environment: one line, no traceback (unless -v)
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, MissingExtraError)
 
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         if isinstance(err, USER_ERRORS):
-            print(f"cvt {args.command}: error: {err}", file=sys.stderr)
+            print(f"cvt {args.command}: error: {_message(err)}", file=sys.stderr)
             return 2 if isinstance(err, UsageError) else 1
         # not foreseen: say what it was; -v shows where
         hint = "" if args.verbose else f" (cvt {args.command} -v shows the traceback)"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from cvt.cli.options import add_backend_option, add_batch_size_option, batch_memory_hint, emit_json, print_stdout
 from cvt.cli.usage import DeviceAction, add_json_option
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
-from cvt.inference import BACKENDS
 from cvt.predict import evaluate_model, plot_confusion
 
 
@@ -21,13 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split to evaluate (default: val/ when the folder has one)")
     add_json_option(p, "the results")
     p.add_argument("--output", default="runs/eval", help="folder for eval.json and confusion.png (default runs/eval)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    add_batch_size_option(p, 64)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--device", action=DeviceAction, default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto (default: "
-                        "onnxruntime for float32 on CPU when installed, else torch)")  # fmt: skip
+    add_backend_option(p)
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.set_defaults(func=run)
 
@@ -36,7 +33,8 @@ def format_report(res: dict, model: str, data: str) -> str:
     """The results as a plain-text table."""
     lines = [
         f"model   {model}",
-        f"data    {data} ({res['count']} images, {len(res['classes'])} classes)",
+        f"data    {data} ({res['count']} images, {len(res['classes'])} classes"
+        + (f"; {len(res['skipped'])} unreadable left out)" if res.get("skipped") else ")"),
         f"loss    {res['loss']:.4f}",
         f"top-1   {res['top1']:.2f}",
         f"top-5   {res['top5']:.2f}",
@@ -53,27 +51,31 @@ def format_report(res: dict, model: str, data: str) -> str:
 def run(args: argparse.Namespace) -> int:
     kwargs = {"ema": True} if args.ema else {}
     model = resolve_model(args.model, **kwargs)
-    res = evaluate_model(
-        model,
-        args.data,
-        split=args.split,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        optimize=not args.no_optimize,
-        backend=args.backend,
-    )
+    with batch_memory_hint(args.batch_size):
+        res = evaluate_model(
+            model,
+            args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=args.device,
+            optimize=not args.no_optimize,
+            backend=args.backend,
+            progress=True,
+        )
     res = {"model": str(args.model), "data": str(args.data), **res}
     out = Path(args.output)
     write_json(res, out / "eval.json")
     png = plot_confusion(res["confusion"], res["classes"], out / "confusion.png")
-    if args.json == "-":
-        json.dump(res, sys.stdout, indent=2)
-        print()
+    if res["skipped"]:
+        print(f"{len(res['skipped'])} unreadable image(s) left out of every figure:", file=sys.stderr)
+        for item in res["skipped"]:
+            print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
+    if emit_json(res, args.json):
         return 0
-    print(format_report(res, args.model, args.data))
+    lines = [format_report(res, args.model, args.data)]
     if args.json:
-        write_json(res, args.json)
-        print(f"\nJSON: {args.json}")
-    print(f"results: {out / 'eval.json'}\nconfusion matrix: {png}")
+        lines.append(f"\nJSON: {args.json}")
+    lines.append(f"results: {out / 'eval.json'}\nconfusion matrix: {png}")
+    print_stdout("\n".join(lines))
     return 0

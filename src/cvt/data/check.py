@@ -139,6 +139,7 @@ def _check_map(dataset: ImageDataset, name: str, *, strict: bool, workers: int) 
 
 def _check_tar(dataset: TarShardDataset, name: str) -> SplitReport:
     report = SplitReport(name, "tar", dataset.classes)
+    dataset.verify()  # the manifest's counts and the labels against the shards: an error names the shard
     for image, label in dataset:
         report.sizes.append(image.size)
         report.per_class[report.classes[label] if label < len(report.classes) else str(label)] += 1

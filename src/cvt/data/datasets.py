@@ -28,6 +28,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from .class_names import check_class_names
 from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
 from .seeding import rng_scope, sample_seed
 from .shards import TarShardDataset, expand_shards
@@ -161,10 +162,12 @@ class FolderDataset(ImageDataset):
 
 
 def class_folders(root: Path) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of `root`."""
+    """Sorted names of the non-hidden sub-folders of `root`, each a class name that can round-trip."""
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    check_class_names(names, str(root))
+    return names
 
 
 def _walk_files(folder: Path, seen: set[tuple[int, int]]) -> list[str]:
@@ -212,7 +215,9 @@ class ListDataset(ImageDataset):
 
     Paths are relative to the CSV's folder unless absolute. Labels are all integers (classes "0".."K-1", K one
     more than the largest label, unless `classes` is given) or all class names (classes sorted, unless given).
-    An optional header row whose second column reads "label" is skipped; blank lines are ignored.
+    An optional header row whose second column reads "label" is skipped; blank lines are ignored. Spaces after a
+    comma are formatting; a class name that cannot round-trip (`class_names`, e.g. one holding a line break in a
+    quoted field, or ending in a space) is refused.
 
     Args:
         path: the CSV file.
@@ -226,14 +231,17 @@ class ListDataset(ImageDataset):
             raise FileNotFoundError(f"list file {path} does not exist")
         rows = []
         with open(path, newline="", encoding="utf-8") as f:
-            for lineno, row in enumerate(csv.reader(f), start=1):
+            reader = csv.reader(f, skipinitialspace=True)
+            for row in reader:
+                lineno = reader.line_num
                 if not row or all(not cell.strip() for cell in row):
                     continue
                 if len(row) != 2:
                     raise ValueError(f"{path} line {lineno}: expected 2 columns 'path,label', got {len(row)}: {row}")
                 if lineno == 1 and row[1].strip().lower() == "label":
                     continue
-                rows.append((lineno, row[0].strip(), row[1].strip()))
+                label = row[1].strip() if row[1].strip().lstrip("-").isdigit() else row[1]
+                rows.append((lineno, row[0].strip(), label))
         if not rows:
             raise ValueError(f"{path}: no rows; expected lines of 'path,label'")
         numeric = [label.lstrip("-").isdigit() for _, _, label in rows]
@@ -253,6 +261,7 @@ class ListDataset(ImageDataset):
         else:
             names = [label for _, _, label in rows]
             if classes is None:
+                check_class_names(dict.fromkeys(names), str(path))
                 classes = sorted(set(names))
             index = {name: i for i, name in enumerate(classes)}
             unknown = next(((n, v) for (n, _, _), v in zip(rows, names, strict=True) if v not in index), None)

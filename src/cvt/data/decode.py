@@ -3,22 +3,29 @@
 Handled: greyscale (1, L, LA), palettes with or without transparency (P, PA), RGBA, CMYK and YCbCr JPEGs, 16-bit and
 32-bit integer or float greyscale, EXIF orientation (the pixels are turned the way a viewer shows them), animated or
 multi-page files (the first frame), images of any size down to 1x1. Refused with `UnreadableImageError` (which names
-the file and the reason): zero-byte files, non-images, corrupt or truncated files, and images with more pixels than
-`max_pixels` (a decompression-bomb guard, checked from the header before any pixel is decoded).
+the file and the reason): zero-byte files, non-images, corrupt or truncated files, images with more pixels than
+`max_pixels` (a decompression-bomb guard, checked from the header before any pixel is decoded), files larger than
+`max_bytes` (checked before the file is read), and anything that is not a regular file: a FIFO, a device, a socket or
+a link to one is refused from its `stat` without being opened, so a FIFO named x.jpg cannot hang a reader and a link
+to /dev/zero cannot fill the memory.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 # PIL's own default bomb limit (about 89.5 million pixels, e.g. 9459 x 9459); PIL refuses twice this on its own.
 DEFAULT_MAX_PIXELS = 89_478_485
+
+# The largest image file read whole (512 MiB): above any photograph within DEFAULT_MAX_PIXELS, even an uncompressed
+# 8-bit RGB BMP or TIFF of that many pixels (268 MB); a larger file named .jpg is refused before it is read.
+DEFAULT_MAX_BYTES = 512 * 1024**2
 
 # File endings treated as images when scanning folders and tar shards (lower case, without the dot).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "ppm", "pgm", "pbm", "bmp", "gif", "tif", "tiff", "webp")
@@ -50,11 +57,54 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return str(name).rpartition(".")[2].lower() in IMAGE_EXTENSIONS
 
 
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))  # fmt: skip
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def read_file(path: str | os.PathLike, *, name: str | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, checked before anything is read.
+
+    A FIFO, device, socket or directory (or a link to one) is refused from its `stat`, without being opened
+    (opening a FIFO waits for a writer; reading /dev/zero never ends). The file is opened non-blocking and checked
+    again, in case it was replaced in between, and never more than `max_bytes` + 1 bytes are read.
+
+    Raises:
+        UnreadableImageError: not a regular file, too large, or not readable.
+    """
+    name = name if name is not None else str(path)
+    try:
+        kind = os.stat(path).st_mode
+        if not stat.S_ISREG(kind):
+            raise UnreadableImageError(name, f"not a regular file but {_file_kind(kind)}; skipped without reading it")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise UnreadableImageError(name, f"not a regular file but {_file_kind(st.st_mode)}")
+            check_size(name, st.st_size, max_bytes)
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as err:
+        raise UnreadableImageError(name, f"cannot read the file ({err.strerror or err})") from err
+    check_size(name, len(data), max_bytes)  # it grew after the check
+    return data
+
+
+def check_size(name: str, size: int, max_bytes: int | None) -> None:
+    """Refuse a file (or tar member) of `size` bytes above `max_bytes` (None: no limit), before it is read."""
+    if max_bytes is not None and size > max_bytes:
+        raise UnreadableImageError(
+            name, f"{size:,} bytes is above the image file limit of {max_bytes:,} bytes; skipped without reading it"
+        )
+
+
 def load_image(
     source: str | os.PathLike | bytes,
     *,
     name: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Image.Image:
     """Decode an image file into an 8-bit RGB PIL image, upright as EXIF orientation says.
 
@@ -63,21 +113,17 @@ def load_image(
         name: what to call the file in errors; defaults to the path.
         max_pixels: refuse images with more pixels than this (width * height), read from the header before
             decoding. None disables the check; PIL itself still refuses more than twice its own limit.
+        max_bytes: refuse files larger than this before reading them (None: no limit). Only regular files are read.
 
     Returns:
         A fully decoded RGB image (no file handle left open).
 
     Raises:
-        UnreadableImageError: the file is empty, not an image, corrupt, truncated or too large.
+        UnreadableImageError: the file is empty, not an image, corrupt, truncated or too large, or not a regular
+            file (a FIFO, device, socket or directory).
     """
     name = name if name is not None else (str(source) if not isinstance(source, bytes) else "<bytes>")
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            data = Path(source).read_bytes()
-        except OSError as err:
-            raise UnreadableImageError(name, f"cannot read the file ({err.strerror or err})") from err
+    data = source if isinstance(source, bytes) else read_file(source, name=name, max_bytes=max_bytes)
     if not data:
         raise UnreadableImageError(name, "empty file (0 bytes)")
     try:

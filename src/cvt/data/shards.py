@@ -15,6 +15,13 @@ Manifest: `cvt write-shards` writes each shard under a temporary name and, after
 beside them: the classes, and every shard's sample count and size. Reading refuses shards without a manifest (an
 interrupted write-shards, whose finished shards would open silently as a smaller dataset) and shards that disagree
 with it (missing, extra, or another size); `index_shards` writes one for complete shards made by other tools.
+The manifest's counts are checked against the shards: for nothing against their sizes before an epoch is sized
+(`total_samples`), exactly whenever a shard is read whole, and for every shard by `verify` (`cvt check-data`, which
+reads the tar headers and `.cls` members, not the images). A label outside the classes is an error naming the shard
+and the sample.
+
+Damage (see `tar_scan`): every damaged stretch of a shard is reported by shard and member index: as a warning
+while training, as an unreadable entry by `cvt check-data` (which then exits 1), as an error with `strict`.
 
 Epoch length: the shards dealt to a rank change from epoch to epoch and hold different numbers of samples, each
 loader worker drops its own last partial batch, and unreadable samples are skipped, so a plain pass over a rank's
@@ -42,14 +49,17 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_write, write_json
+from .class_names import check_class_names
 from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
 from .seeding import rng_scope, sample_seed
+from .tar_scan import ShardScan, iter_tar_samples, sample_label, scan_shard
 
 logger = logging.getLogger(__name__)
 
 CLASSES_FILE = "classes.txt"
 MANIFEST_FILE = "shards.json"
 MANIFEST_FORMAT = "cvt.shards"
+MIN_SAMPLE_BYTES = 3 * tarfile.BLOCKSIZE  # an image member's header, a .cls member's header and its data block
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -87,55 +97,6 @@ def expand_shards(source: str | os.PathLike) -> list[str]:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise FileNotFoundError(f"shard(s) {', '.join(missing[:3])}{more} do not exist (from {text})")
     return shards
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """Member name -> (key, ending): "dir/000123.seg.png" -> ("dir/000123", "seg.png")."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ending: bytes}) for each sample of a shard, streamed in member order.
-
-    Raises:
-        tarfile.TarError or OSError: the shard is unreadable or ends early (samples before the damage are yielded).
-    """
-    key, files = None, {}
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile() or member.name.rpartition("/")[2].startswith("."):
-                continue
-            member_key, ext = _split_key(member.name)
-            if member_key != key:
-                if key is not None:
-                    yield key, files
-                key, files = member_key, {}
-            files[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, files
-
-
-def _sample_label(files: dict[str, bytes]) -> int | None:
-    data = files.get("cls")
-    if data is None:
-        return None
-    return int(data.decode("utf-8").strip())
-
-
-def _shard_labels(path: str) -> set[int]:
-    """The labels found in a shard (what can be read of it)."""
-    labels = set()
-    try:
-        for _, files in iter_tar_samples(path):
-            with contextlib.suppress(ValueError):
-                label = _sample_label(files)
-                if label is not None:
-                    labels.add(label)
-    except (tarfile.TarError, OSError, EOFError):
-        pass  # reading the samples reports the damage
-    return labels
 
 
 class TarShardDataset(IterableDataset):
@@ -183,7 +144,8 @@ class TarShardDataset(IterableDataset):
                 f"write at least {world_size} shards (cvt write-shards --shard-size smaller)"
             )
         self.shards = list(shards)
-        self._counts: dict[str, int] = read_manifest(self.shards, whole=whole) if verify else {}
+        self._manifest: dict[str, int] = read_manifest(self.shards, whole=whole) if verify else {}
+        self._scans: dict[str, ShardScan] = {}
         self.transform, self.strict = transform, strict
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
@@ -200,9 +162,9 @@ class TarShardDataset(IterableDataset):
         if self._classes is None:
             names_file = Path(self.shards[0]).parent / CLASSES_FILE
             if names_file.is_file():
-                self._classes = [line.strip() for line in names_file.read_text("utf-8").splitlines() if line.strip()]
+                self._classes = read_class_names(names_file)
             else:
-                labels = set().union(*(_shard_labels(shard) for shard in self.shards))
+                labels = set().union(*(self.scan(shard).labels for shard in self.shards))
                 self._classes = [str(i) for i in range(max(labels) + 1)] if labels else []
         return self._classes
 
@@ -228,8 +190,51 @@ class TarShardDataset(IterableDataset):
         self.epoch_batches, self.batch_size = int(batches), int(batch_size)
 
     def total_samples(self) -> int:
-        """Samples in all shards (every rank's), from the tar headers: the same number on every rank."""
-        return sum(self._count(path) for path in self.shards)
+        """Samples in all shards (every rank's): the same number on every rank.
+
+        From the manifest, without reading the shards, after a check that costs nothing: a sample takes at least
+        `MIN_SAMPLE_BYTES` of tar, so a count the shard's size cannot hold is refused. Reading a shard whole then
+        checks its count exactly (an error naming the shard), and `verify` (`cvt check-data`) checks every shard
+        before anything runs. Without a manifest, the shards are scanned.
+
+        Raises:
+            ValueError: a manifest count that the shard's size cannot hold; the message names the shard.
+        """
+        if not self._manifest:
+            return sum(self.scan(path).samples for path in self.shards)
+        for path, count in self._manifest.items():
+            most = os.path.getsize(path) // MIN_SAMPLE_BYTES
+            if count > most:
+                raise ValueError(_count_error(path, f"at most {most}", count))
+        return sum(self._manifest.values())
+
+    def verify(self) -> int:
+        """Scan every shard (`scan_shard`: its tar headers and labels, not its images) and check it: the manifest's
+        count against the samples found, the labels against the classes. Damage is logged as a warning with its
+        count (the samples there are lost). Returns the samples found.
+
+        Raises:
+            ValueError: a manifest count that the shard does not hold (and no damage explains), or a label that is
+                not a class index; the message names the shard (and the sample).
+        """
+        classes = len(self.classes)
+        for path in self.shards:
+            scan = self.scan(path)
+            if scan.damaged:
+                logger.warning("%s: %d damaged stretch(es), the samples there are lost: %s; `cvt check-data` lists "
+                               "them", path, len(scan.damaged), "; ".join(scan.damaged))  # fmt: skip
+            if self._manifest.get(path, scan.samples) != scan.samples and not scan.damaged:
+                raise ValueError(_count_error(path, scan.samples, self._manifest[path]))
+            bad = next(((label, key) for label, key in sorted(scan.labels.items()) if not 0 <= label < classes), None)
+            if bad is not None:
+                raise ValueError(_label_error(path, bad[1], bad[0], classes))
+        return sum(self.scan(path).samples for path in self.shards)
+
+    def scan(self, path: str) -> ShardScan:
+        """`scan_shard(path)`, once per process."""
+        if path not in self._scans:
+            self._scans[path] = scan_shard(path)
+        return self._scans[path]
 
     def _worker_plan(self) -> tuple[int, int, list[tuple[int, str]], int]:
         """(worker, workers, shards it reads, stride): a stride n > 1 keeps every n-th sample of the shards."""
@@ -248,18 +253,7 @@ class TarShardDataset(IterableDataset):
         """Samples this rank yields per epoch: `set_epoch_length`'s, else those in its shards (from the tar headers)."""
         if self.epoch_batches is not None:
             return self.epoch_batches * self.batch_size
-        return sum(self._count(path) for _, path in self.rank_shards())
-
-    def _count(self, path: str) -> int:
-        if path not in self._counts:
-            keys = set()
-            try:
-                with tarfile.open(path, mode="r") as tar:
-                    keys.update(_split_key(m.name)[0] for m in tar if m.isfile() and is_image_file(m.name))
-            except (tarfile.TarError, OSError, EOFError) as err:
-                logger.warning("%s: damaged shard, counted the %d samples before the damage (%s)", path, len(keys), err)
-            self._counts[path] = len(keys)
-        return self._counts[path]
+        return sum(self.scan(path).samples for _, path in self.rank_shards())
 
     def _skip(self, name: str, reason: str) -> None:
         if self.strict:
@@ -268,28 +262,36 @@ class TarShardDataset(IterableDataset):
             self.skipped[name] = reason
             logger.warning("skipping %s: %s (strict=True fails instead)", name, reason)
 
+    def _damaged(self, path: str, damaged: list[str]) -> None:
+        """Record a shard's damaged stretches in `skipped` (one entry each) and warn once, with their count."""
+        new = []
+        for note in damaged:
+            where, _, what = note.partition(": ")
+            name, reason = f"{path} {where}", f"damaged tar data: {what}; the sample stored there is lost"
+            if self.strict:
+                raise UnreadableImageError(name, reason)
+            if name not in self.skipped:
+                self.skipped[name] = reason
+                new.append(note)
+        if new:
+            logger.warning("%s: %d damaged stretch(es), the samples stored there are lost: %s (`cvt check-data` "
+                           "lists them; strict=True fails instead)", path, len(new), "; ".join(new))  # fmt: skip
+
     def _samples(self, shards: list[tuple[int, str]], stride: int, worker: int, rep: int) -> Iterator[tuple[Any, int]]:
         """One pass (`rep`, from 0) over `shards`, keeping the samples at positions = worker (mod stride)."""
         for shard_index, path in shards:
-            position = 0
+            position, images, damaged = 0, 0, []
             try:
-                for key, files in iter_tar_samples(path):
-                    name = f"{path}:{key}"
-                    image_ext = next((ext for ext in files if is_image_file(ext)), None)
-                    try:
-                        label = _sample_label(files)
-                    except ValueError:
-                        label = None
-                    if image_ext is None or label is None:
-                        self._skip(name, f"sample has members {sorted(files)}; it needs an image and a .cls label")
+                for key, files in iter_tar_samples(path, damaged=damaged):
+                    images += any(is_image_file(ext) for ext in files)
+                    label = self._label(path, key, files)
+                    if label is None:
                         continue
                     position += 1
                     if (position - 1) % stride != worker % stride:
                         continue
-                    try:
-                        image = load_image(files[image_ext], name=f"{name}.{image_ext}", max_pixels=self.max_pixels)
-                    except UnreadableImageError as err:
-                        self._skip(err.path, err.reason)
+                    image = self._decode(path, key, files)
+                    if image is None:
                         continue
                     if self.transform is not None:
                         keys = (self.seed, self.epoch, shard_index, position - 1) + ((rep,) if rep else ())
@@ -297,7 +299,39 @@ class TarShardDataset(IterableDataset):
                             image = self.transform(image)
                     yield image, label
             except (tarfile.TarError, OSError, EOFError) as err:
-                self._skip(path, f"damaged shard, stopped reading it ({type(err).__name__}: {err})")
+                damaged.append(f"end: damaged shard, stopped reading it ({type(err).__name__}: {err})")
+            self._damaged(path, damaged)
+            if not damaged and self._manifest.get(path, images) != images:  # a whole pass: the manifest is checked
+                raise ValueError(_count_error(path, images, self._manifest[path]))
+
+    def _label(self, path: str, key: str, files: dict[str, Any]) -> int | None:
+        """The sample's label, or None (skipped, reported) without an image and a label.
+
+        Raises:
+            ValueError: the label is not a class index.
+        """
+        try:
+            label = sample_label(files)
+        except ValueError:
+            label = None
+        if label is None or not any(is_image_file(ext) for ext in files):
+            self._skip(f"{path}:{key}", f"sample has members {sorted(files)}; it needs an image and a .cls label")
+            return None
+        if not 0 <= label < len(self.classes):
+            raise ValueError(_label_error(path, key, label, len(self.classes)))
+        return label
+
+    def _decode(self, path: str, key: str, files: dict[str, Any]) -> Any:
+        """The sample's image, or None (skipped, reported) when it cannot be read."""
+        image_ext = next(ext for ext in files if is_image_file(ext))
+        try:
+            data = files[image_ext]
+            if isinstance(data, UnreadableImageError):
+                raise data
+            return load_image(data, name=f"{path}:{key}.{image_ext}", max_pixels=self.max_pixels)
+        except UnreadableImageError as err:
+            self._skip(err.path, err.reason)
+            return None
 
     def _stream(self) -> Iterator[tuple[Any, int]]:
         """This worker's samples: one pass, or with an epoch length passes without end (cut by `__iter__`)."""
@@ -419,8 +453,12 @@ def index_shards(source: str | os.PathLike, classes: Sequence[str] | None = None
     """
     folder = Path(source)
     paths = [Path(p) for p in expand_shards(folder)]
-    dataset = TarShardDataset([str(p) for p in paths], verify=False)
-    counts = [dataset._count(str(p)) for p in paths]
+    scans = [scan_shard(str(p)) for p in paths]
+    for path, scan in zip(paths, scans, strict=True):
+        if scan.damaged:
+            logger.warning("%s is damaged (%s): the manifest records the %d sample(s) that can be read",
+                           path, "; ".join(scan.damaged), scan.samples)  # fmt: skip
+    counts = [scan.samples for scan in scans]
     return _write_manifest(folder, paths, counts, list(classes) if classes is not None else None)
 
 
@@ -465,6 +503,27 @@ def read_manifest(shards: Sequence[str], *, whole: bool = False) -> dict[str, in
     if missing:
         raise ValueError(f"{folder} lacks shard(s) {', '.join(missing[:3])} that {path} lists; {redo}")
     return counts
+
+
+def _count_error(path: str, found: int | str, listed: int) -> str:
+    return (
+        f"{path} holds {found} sample(s), its manifest {MANIFEST_FILE} records {listed}: the manifest does not "
+        "describe these shards; rerun `cvt write-shards` or cvt.data.index_shards"
+    )
+
+
+def _label_error(path: str, key: str, label: int, classes: int) -> str:
+    return (
+        f"{path} sample {key}: label {label} is not a class index (the dataset has {classes} classes, "
+        f"0..{classes - 1}; {CLASSES_FILE} beside the shards names them): the shards and their classes disagree"
+    )
+
+
+def read_class_names(path: Path) -> list[str]:
+    """The class names of a `classes.txt`, one per line (blank lines ignored), checked with `check_class_names`."""
+    names = [line for line in path.read_text("utf-8").splitlines() if line.strip()]
+    check_class_names(names, str(path))
+    return names
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

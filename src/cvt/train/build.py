@@ -19,6 +19,7 @@ from ..variants import identify, is_registered
 from .config import TrainConfig
 from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
 from .optimizer import WarmupCosineSchedule, create_optimizer, scaled_lr
+from .preempt import ShieldedLoader
 from .rng import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def build_train_loader(cfg: TrainConfig, env: DistEnv, dataset: Dataset) -> tupl
     sampler = None
     if not isinstance(dataset, IterableDataset):
         sampler = ResumableSampler(dataset, num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
-    loader = DataLoader(
+    loader = ShieldedLoader(  # a scheduler's SIGTERM to the process group must not kill its workers
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
@@ -309,10 +310,10 @@ def build_val_loader(cfg: TrainConfig, env: DistEnv, dataset: Dataset | None) ->
         return None
     batch = cfg.eval_batch_size or 2 * cfg.batch_size
     if isinstance(dataset, IterableDataset):  # already split by rank
-        return DataLoader(dataset, batch_size=batch, num_workers=cfg.num_workers)
+        return ShieldedLoader(dataset, batch_size=batch, num_workers=cfg.num_workers)
     padded = PaddedEval(dataset, env.world_size)
     sampler = DistributedSampler(padded, num_replicas=env.world_size, rank=env.rank, shuffle=False)
-    return DataLoader(
+    return ShieldedLoader(
         padded,
         batch_size=batch,
         sampler=sampler,
