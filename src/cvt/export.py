@@ -36,6 +36,7 @@ from .eval_mode import eval_mode
 from .fileio import atomic_write
 from .model import model_metadata
 from .optimize import fold_batchnorm
+from .outputs import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -208,13 +209,14 @@ def export_onnx(
 
     Raises:
         RuntimeError: the exported graph's outputs differ from PyTorch's by more than `atol`.
+        OutputError: a folder where the file goes.
         MissingExtraError: onnx, onnxscript (the exporter) or onnxruntime (the check) is not installed.
     """
     onnx = require("onnx", package="onnx", extra="export", purpose="ONNX export")
     require("onnxscript", package="onnxscript", extra="export", purpose="ONNX export")  # torch's dynamo exporter
     if check:
         require("onnxruntime", package="onnxruntime", extra="export", purpose="checking an ONNX export")
-
+    path = check_output(path, folder=False, suggest="model.onnx")
     size = _input_size(model, input_size)
     folded = prepare_for_export(model)
     in_chans = folded.cfg.in_chans
@@ -244,7 +246,6 @@ def export_onnx(
         input_name = session.get_inputs()[0].name
         shapes = check_shapes or _default_check_shapes(in_chans, size)
         checks = _check(lambda x: session.run(None, {input_name: x.numpy()}), model, shapes, atol, "ONNX")
-    path = Path(path)
     with atomic_write(path) as f:
         f.write(data)
     logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
@@ -278,7 +279,9 @@ def export_torchscript(
 
     Raises:
         RuntimeError: the traced module's outputs differ from PyTorch's by more than `atol`.
+        OutputError: a folder where the file goes.
     """
+    path = check_output(path, folder=False, suggest="model.pt")
     size = _input_size(model, input_size)
     folded = prepare_for_export(model)
     in_chans = folded.cfg.in_chans
@@ -304,7 +307,6 @@ def export_torchscript(
             reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
         shapes = check_shapes or _default_check_shapes(in_chans, size)
         checks = _check(lambda x: _as_list(reloaded(x)), model, shapes, atol, "TorchScript")
-    path = Path(path)
     with atomic_write(path) as f:
         f.write(data)
     logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)

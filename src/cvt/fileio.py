@@ -18,8 +18,9 @@ from typing import IO, Any
 
 import torch
 
-# a full disk, an exhausted quota, no permission, a read-only file system: said with the file's own name
-NAMED_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# a full disk, an exhausted quota, no permission, a read-only file system, a folder in the way: said with the
+# file's own name
+NAMED_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
 
 
 def _umask() -> int:
@@ -47,8 +48,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     If the body raises, the temporary file is removed and `path` keeps its previous content. The file ends with
     the existing file's mode, or 0o666 less the umask when it is new.
+
+    Raises:
+        IsADirectoryError: `path` is a folder (checked first, so nothing is written).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

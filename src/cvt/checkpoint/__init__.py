@@ -43,7 +43,7 @@ from .layouts import (
     repair_hf_base_model,
     repair_wrapper,
 )
-from .read import Checkpoint, read_checkpoint
+from .read import Checkpoint, checkpoint_files, read_checkpoint
 from .safe_load import read_weights_file
 from .save import save_model
 from .training import (
@@ -66,6 +66,7 @@ __all__ = [
     "CheckpointWriteError",
     "config_from_hf",
     "config_to_hf",
+    "checkpoint_files",
     "cvt_to_hf",
     "cvt_to_official",
     "detect_layout",

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from cvt.checkpoint import checkpoint_files
 from cvt.cli.usage import UsageError
 from cvt.export import DEFAULT_OPSET, FORMATS, export
 from cvt.factory import resolve_model
+from cvt.outputs import check_output
+
+SUFFIXES = {"onnx": "onnx", "torchscript": "pt"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.input_size is not None and len(args.input_size) not in (1, 2):
         raise UsageError(f"--input-size takes N or H W, got {args.input_size}")
+    check_output(args.output, checkpoint_files(args.model), folder=False, suggest=f"model.{SUFFIXES[args.format]}")
     model = resolve_model(args.model).to(args.device)
     result = export(
         model,

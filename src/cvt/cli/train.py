@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from cvt.cli.usage import UsageError
+from cvt.cli.usage import UsageError, add_overwrite_option
 from cvt.train import (
     PREEMPTED_EXIT_CODE,
     TrainConfig,
@@ -48,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="resume from a checkpoint or run directory (default: OUTPUT/last.pt); without --config the "
                    "run's own config is used")  # fmt: skip
     p.add_argument("--output", help="run directory (overrides the config's `output`)")
+    add_overwrite_option(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="where to train (overrides the config's `device`; auto: CUDA when available)")  # fmt: skip
     p.set_defaults(func=run)
@@ -67,6 +68,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         extra.append(f"output={args.output!r}")
     if args.device:
         extra.append(f"device={args.device!r}")
+    if args.overwrite:
+        extra.append("overwrite=True")
     if args.config:
         cfg = load_config(args.config, [*extra, *([f"init={args.model!r}"] if args.model else [])])
     elif args.model:

@@ -1,6 +1,7 @@
 """Command-line usage helpers: `UsageError` (arguments found not to work together after parsing: exit code 2, as
-argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it) and
-`add_json_option` (the one `--json [FILE]` of the commands that report results)."""
+argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it),
+`add_json_option` (the one `--json [FILE]` of the commands that report results) and `add_overwrite_option` (the one
+`--overwrite` of the commands that write a folder)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, type=_json_target, metavar="FILE",
                         help=f"{what} as JSON: to FILE (.json), or to stdout instead of text without FILE or "
                         "with '-'")  # fmt: skip
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite`: write into an output folder that holds files cvt did not write (`cvt.outputs`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an output folder that holds files cvt did not write, replacing those of "
+                        "the same names (without it such a folder is refused)")  # fmt: skip
 
 
 class DeprecatedAlias(argparse.Action):

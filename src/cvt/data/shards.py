@@ -42,6 +42,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_write, write_json
+from ..outputs import check_output, claim_folder
 from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
 from .seeding import rng_scope, sample_seed
 
@@ -358,8 +359,9 @@ def write_shards(
     prefix: str = "shard",
     shuffle: bool = True,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Copy image files (bytes unchanged) into tar shards plus `classes.txt`.
+    """Copy image files (bytes unchanged) into tar shards plus `classes.txt`, under the rule of `cvt.outputs`.
 
     Args:
         samples: (image file, class index) pairs, e.g. the `samples` of a folder or CSV dataset from `open_dataset`;
@@ -371,14 +373,20 @@ def write_shards(
         shuffle: shuffle the samples first (a folder lists one class after another, which a shuffle buffer
             cannot mix well).
         seed: seed of that shuffle.
+        overwrite: write into a folder that holds files cvt did not write.
 
     Returns:
         The shard paths, in order. Each shard is written atomically.
+
+    Raises:
+        OutputError: `out_dir` is, contains or lies inside a folder of the images, or holds files cvt did not
+            write (without `overwrite`); nothing is written then.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    image_folders = {os.path.dirname(os.path.abspath(file)) for file, _ in samples}  # a few per class, not per image
+    check_output(out_dir, folder=True, datasets=sorted(image_folders))
+    out = claim_folder(out_dir, "write_shards", overwrite=overwrite)
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST_FILE).unlink()  # until the last shard is written, the folder is no dataset
     order = list(range(len(samples)))
