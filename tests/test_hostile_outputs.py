@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -52,9 +53,9 @@ def tiny_config(data, output, **kw):
 
 @pytest.fixture(scope="module")
 def run_dir(shapes, tmp_path_factory):
-    """A run stopped after one step of two epochs: last.pt holds a resumable training state, best.pt none yet."""
+    """A run of two epochs of 3 steps stopped after step 4: best.pt from epoch 1, last.pt a state to resume."""
     out = tmp_path_factory.mktemp("runs") / "x"
-    train(tiny_config(shapes, out, max_steps=1))
+    train(tiny_config(shapes, out, max_steps=4))
     return out
 
 
@@ -273,3 +274,62 @@ def test_attention_map_never_replaces_its_image(own, tmp_path, capsys):
     assert main(["attention", "--model", str(own), str(image), "--output", str(image)]) == 1
     assert f"the output {image} is the input {image}" in error_line(capsys)
     assert digest(image) == before
+
+
+# --- class 7: export options ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [["0"], ["-3"], ["100000"], ["224", "0"]])
+def test_export_input_size_out_of_range_is_refused_at_parse_time(own, tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--model", str(own), "--output", str(tmp_path / "m.onnx"), "--input-size", *size])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()  # argparse's usage, then one line of error
+    assert "Traceback" not in err and lines[0].startswith("usage: cvt export")
+    bad = next(s for s in size if not 1 <= int(s) <= 1024)
+    assert lines[-1].startswith(f"cvt export: error: argument --input-size/--res: input size {bad} is outside 1-1024")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _supported_opsets():
+    """The reference: the opsets torch's ONNX exporter writes itself (its operator library's own version up to the
+    highest it declares), and the range the installed onnx knows, read here from torch and onnx directly."""
+    from torch.onnx import _constants
+    from torch.onnx._internal.exporter import _constants as exporter_constants
+
+    return (exporter_constants.TORCHLIB_OPSET, min(_constants.ONNX_MAX_OPSET, onnx.defs.onnx_opset_version()))
+
+
+@pytest.mark.parametrize("opset", ["1", "0", "-5", "1000"])
+def test_export_opset_outside_what_the_exporter_supports_is_refused_at_parse_time(own, tmp_path, capsys, opset):
+    low, high = _supported_opsets()
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--model", str(own), "--output", str(tmp_path / "m.onnx"), "--opset", opset])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --opset: opset {opset} is outside the opsets the installed exporter writes, {low}-{high}" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_onnx_refuses_an_opset_or_example_size_before_exporting(tiny_model, tmp_path, monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before checking")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    low, high = _supported_opsets()
+    with pytest.raises(ValueError, match=f"opset 1 is outside the opsets the installed exporter writes, {low}-{high}"):
+        cvt.export_onnx(tiny_model, tmp_path / "n.onnx", opset=1)
+    # 16 pixels leave a 1x1 token grid in the last stage, which the exporter would fix as a constant; by hand, the
+    # grids are floor((H - 3) / 4) + 1, then floor((g - 1) / 2) + 1 twice: 2 or more from H = 19
+    with pytest.raises(ValueError, match=r"input size 16x16 leaves a token grid of \(1, 1\) .* use 19 or more"):
+        cvt.export_onnx(tiny_model, tmp_path / "n.onnx", input_size=16)
+    assert not (tmp_path / "n.onnx").exists()
+
+
+@pytest.mark.slow
+def test_export_writes_the_opset_asked_for_at_both_ends_of_the_range(tiny_model, tmp_path):
+    for opset in _supported_opsets():
+        cvt.export_onnx(tiny_model, tmp_path / "m.onnx", opset=opset, input_size=64, check=False)
+        model = onnx.load(tmp_path / "m.onnx")
+        assert {entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")} == {opset}

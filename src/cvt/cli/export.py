@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from cvt.checkpoint import checkpoint_files
-from cvt.cli.usage import UsageError
-from cvt.export import DEFAULT_OPSET, FORMATS, export
+from cvt.cli.usage import UsageError, checked_int
+from cvt.export import DEFAULT_OPSET, FORMATS, MAX_EXAMPLE_SIZE, check_example_size, check_opset, export
 from cvt.factory import resolve_model
 from cvt.outputs import check_output
 
@@ -25,12 +25,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--input-size",
         "--res",
         dest="input_size",
-        type=int,
+        type=checked_int(check_example_size),
         nargs="+",
         default=None,
-        help="example size N or H W (default: the model's)",
+        help=f"size N or H W of the example traced, up to {MAX_EXAMPLE_SIZE} (default: the model's); the exported "
+        "graph takes any size",
     )
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=checked_int(check_opset), default=DEFAULT_OPSET,
+                   help=f"ONNX opset, one the installed exporter writes (default: {DEFAULT_OPSET})")  # fmt: skip
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to PyTorch accepted")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument(

@@ -1,13 +1,16 @@
 """Command-line usage helpers: `UsageError` (arguments found not to work together after parsing: exit code 2, as
 argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it),
-`add_json_option` (the one `--json [FILE]` of the commands that report results) and `add_overwrite_option` (the one
-`--overwrite` of the commands that write a folder)."""
+`add_json_option` (the one `--json [FILE]` of the commands that report results), `add_overwrite_option` (the one
+`--overwrite` of the commands that write a folder) and `checked_int` (a number option checked at parse time)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from cvt._optional import MissingExtraError
 
 
 class UsageError(ValueError):
@@ -25,6 +28,23 @@ def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", nargs="?", const="-", default=None, type=_json_target, metavar="FILE",
                         help=f"{what} as JSON: to FILE (.json), or to stdout instead of text without FILE or "
                         "with '-'")  # fmt: skip
+
+
+def checked_int(check: Callable[[int], int]) -> Callable[[str], int]:
+    """An argparse `type`: a whole number that `check` returns; its ValueError (or a missing extra it needs)
+    becomes argparse's error line naming the option: `argument --opset: opset 1 is outside ...`."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        try:
+            return check(number)
+        except (ValueError, MissingExtraError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
