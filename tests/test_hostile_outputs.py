@@ -240,7 +240,11 @@ def test_write_shards_into_a_foreign_folder_needs_overwrite(shapes, tmp_path, ca
     assert main(["write-shards", str(shapes), str(out), "--split", "train", "--overwrite"]) == 0
     assert main(["write-shards", str(shapes), str(out), "--split", "train", "--shard-size", "5"]) == 0  # ours now
     assert (out / "thesis.tex").read_text() == "chapter 1"
-    assert len(open_dataset(out)) == 12
+    assert len(open_dataset(out)) == 12 and len(list(out.glob("*.tar"))) == 3
+    # a rerun with fewer shards replaces the dataset: the third shard of the last write would not match the manifest
+    assert main(["write-shards", str(shapes), str(out), "--split", "train", "--shard-size", "6"]) == 0
+    assert len(open_dataset(out)) == 12 and sorted(p.name for p in out.glob("*.tar")) == [
+        "shard-000000.tar", "shard-000001.tar"]  # fmt: skip
 
 
 # --- class 1: training outputs ------------------------------------------------------------------------------------

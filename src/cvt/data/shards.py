@@ -27,6 +27,7 @@ fewer, so all ranks take the same number of optimiser steps and every epoch ends
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import itertools
 import json
@@ -376,7 +377,8 @@ def write_shards(
         overwrite: write into a folder that holds files cvt did not write.
 
     Returns:
-        The shard paths, in order. Each shard is written atomically.
+        The shard paths, in order. Each shard is written atomically; shards of an earlier write under the same
+        prefix that this one does not write again are removed.
 
     Raises:
         OutputError: `out_dir` is, contains or lies inside a folder of the images, or holds files cvt did not
@@ -402,6 +404,8 @@ def write_shards(
                 _add_member(tar, f"{index:08d}.{ext}", Path(file).read_bytes())
                 _add_member(tar, f"{index:08d}.cls", str(label).encode())
         paths.append(path)
+    for stale in set(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) - set(paths):
+        stale.unlink()  # an earlier write's extra shard, under a name of ours: it would not match the manifest
     counts = [min(shard_size, len(order) - start) for start in range(0, len(order), shard_size)]
     with atomic_write(out / CLASSES_FILE, "w") as f:
         f.write("".join(f"{name}\n" for name in classes))
