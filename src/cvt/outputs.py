@@ -163,6 +163,12 @@ def claim_folder(folder: PathLike, writer: str, *, overwrite: bool = False, lega
     path = check_output(folder, folder=True)
     check_output_folder(path, overwrite=overwrite, legacy=legacy)
     path.mkdir(parents=True, exist_ok=True)
+    return mark_folder(path, writer)
+
+
+def mark_folder(folder: PathLike, writer: str) -> Path:
+    """Put the marker into `folder` (existing) unless it is there: for a writer that checked the folder itself."""
+    path = Path(folder)
     if not is_ours(path):
         write_json({"format": MARKER_FORMAT, "version": 1, "writer": writer}, path / MARKER)
     return path
@@ -177,4 +183,5 @@ __all__ = [
     "foreign_entries",
     "input_paths",
     "is_ours",
+    "mark_folder",
 ]

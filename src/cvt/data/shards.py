@@ -381,13 +381,13 @@ def write_shards(
         prefix that this one does not write again are removed.
 
     Raises:
-        OutputError: `out_dir` is, contains or lies inside a folder of the images, or holds files cvt did not
-            write (without `overwrite`); nothing is written then.
+        OutputError: `out_dir` is or contains a folder of the images, or holds files cvt did not write (without
+            `overwrite`); nothing is written then.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     image_folders = {os.path.dirname(os.path.abspath(file)) for file, _ in samples}  # a few per class, not per image
-    check_output(out_dir, folder=True, datasets=sorted(image_folders))
+    check_output(out_dir, sorted(image_folders), folder=True)
     out = claim_folder(out_dir, "write_shards", overwrite=overwrite)
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST_FILE).unlink()  # until the last shard is written, the folder is no dataset

@@ -42,7 +42,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with contextlib.ExitStack() as stack, deterministic(cfg.deterministic), StopRequest().installed() as stop:
             check_options(cfg, env)
-            run_dir = RunDir(cfg.output, main=env.main, data=cfg.data, init=cfg.init, overwrite=cfg.overwrite)
+            run_dir = RunDir(cfg.output, main=env.main, data=cfg.data, init=cfg.init, resume=cfg.resume,
+                             overwrite=cfg.overwrite)  # fmt: skip
             run_dir.lock()
             stack.callback(run_dir.unlock)
             resume = resolve_resume(cfg.resume, cfg.output, fresh_ok=True) if cfg.resume is not None else None

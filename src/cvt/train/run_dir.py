@@ -25,7 +25,7 @@ from typing import Any
 
 from .._optional import require
 from ..fileio import atomic_write, write_json
-from ..outputs import check_output, claim_folder
+from ..outputs import check_output, check_output_folder, mark_folder
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class RunDir:
         main: whether this process writes.
         data: the dataset the run reads, which the directory must keep off (not be, contain or lie inside).
         init: the checkpoint the run starts from, likewise (not be or contain).
+        resume: the checkpoint the run resumes from; in the directory, it is the run's own.
         overwrite: write into a directory that holds files cvt did not write.
     """
 
@@ -73,10 +74,14 @@ class RunDir:
         main: bool,
         data: str | os.PathLike | None = None,
         init: str | os.PathLike | None = None,
+        resume: str | os.PathLike | None = None,
         overwrite: bool = False,
     ) -> None:
         self.path, self.main = Path(path), main
         self.data, self.init, self.overwrite = data, init, overwrite
+        resumed = Path(resume).expanduser() if resume is not None else None
+        own = resumed is not None and resumed.is_file() and resumed.resolve().parent == self.path.resolve()
+        self._own_names = (*LEGACY_RUN_FILES, *((resumed.name,) if own else ()))
         self.writer: Any = None
         self._plotted = time.perf_counter()
         self._lock: Path | None = None
@@ -93,9 +98,11 @@ class RunDir:
         check_output(self.path, [self.init], folder=True, datasets=[self.data])
         if not self.main:
             return
+        check_output_folder(self.path, overwrite=self.overwrite, legacy=self._own_names)
         try:
-            claim_folder(self.path, "cvt train", overwrite=self.overwrite, legacy=LEGACY_RUN_FILES)
+            self.path.mkdir(parents=True, exist_ok=True)
             self._lock = take_lock(self.path / LOCK_FILE)
+            mark_folder(self.path, "cvt train")  # after the lock: a live run's directory stays as it is
         except (PermissionError, FileExistsError, NotADirectoryError) as err:
             raise type(err)(
                 err.errno, f"cannot write to the run directory {self.path} ({err.strerror}); choose another output"
