@@ -1,12 +1,13 @@
-"""Where a command may write: the one rule of every writer (`cvt convert`, `cvt export`, `save_model`, the staging
-folder of `push_to_hub`, `write_shards`, a training run's directory).
+"""Where a command may write: the one rule of every writer (`cvt convert`, `cvt export`, `cvt attention`,
+`save_model`, the staging folder of `push_to_hub`, `write_shards`, a training run's directory).
 
 1. An output never is, contains or resolves to one of the command's inputs (symbolic links, `..` and hard links
    are seen through), and never lies inside an input dataset, where it would become part of the data. Such a
    command is refused before any work, in one line naming both paths.
 2. A folder output is written only when it is new, empty, or this project's own: every folder writer first puts
    the marker `.cvt-output.json` ({"format": "cvt.output", "writer": ...}) into it, before any other file, so an
-   interrupted write is recognised too. A folder holding anything else is written into only with
+   interrupted write is recognised too (a training run, after taking its lock; a run directory from before the
+   marker is known by its `last.pt`). A folder holding anything else is written into only with
    `overwrite=True` (`--overwrite`): the files of the writer's names are replaced, the others left, and the
    folder is marked as the project's from then on.
 3. A file output is replaced atomically (`cvt.fileio`), like `cp` replaces its target; a folder in its place, or
