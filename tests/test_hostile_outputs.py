@@ -86,9 +86,10 @@ def test_convert_onto_its_own_training_checkpoint_is_refused_and_resume_still_wo
     (run_dir / "alias.pt").symlink_to(last)
     os.link(last, run_dir / "hard.pt")
     try:
-        for other in (run_dir / ".." / run_dir.name / "last.pt", run_dir / "alias.pt", run_dir / "hard.pt"):
+        for other, alias in ((run_dir / ".." / run_dir.name / "last.pt", ""), (run_dir / "alias.pt", " (the same one"),
+                             (run_dir / "hard.pt", " (the same one")):  # fmt: skip
             assert main(["convert", str(last), str(other), "--to", "official"]) == 1
-            assert f"the output {other} is the input {last}" in error_line(capsys)
+            assert f"the output {other} is the input {last}{alias}" in error_line(capsys)
     finally:
         (run_dir / "alias.pt").unlink()
         (run_dir / "hard.pt").unlink()

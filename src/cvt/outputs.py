@@ -92,7 +92,7 @@ def check_output(
     datasets = input_paths(datasets)
     for source in [*input_paths(inputs), *datasets]:
         if _same(out, source):
-            same = "" if out.resolve() == source.resolve() else " (the same file under another name)"
+            same = "" if os.path.normpath(out) == os.path.normpath(source) else " (the same one under another name)"
             raise OutputError(f"the output {out} is the input {source}{same}: writing it would destroy the input; "
                               "choose another output")  # fmt: skip
         if _inside(source, out):
