@@ -266,11 +266,16 @@ def test_training_into_a_foreign_folder_needs_overwrite(shapes, tmp_path, capsys
     out = tmp_path / "project"
     out.mkdir()
     (out / "config.json").write_text('{"mine": true}')
-    args = ["train", "--config", "demo", "--data", str(shapes), "--output", str(out), "--set", "max_steps=1",
-            "--set", "input_size=32", "--set", "num_workers=0", "--set", "progress=False"]  # fmt: skip
+    args = ["train", "--config", "demo", "--data", str(shapes), "--output", str(out)]
+    for setting in ("max_steps=1", "input_size=32", "num_workers=0", "progress=False", "batch_size=4"):
+        args += ["--set", setting]
+    (out / "notes.txt").write_text("keep me")
     assert main(args) == 1
-    assert f"{out} holds files cvt did not write (config.json)" in error_line(capsys)
-    assert (out / "config.json").read_text() == '{"mine": true}' and len(list(out.iterdir())) == 1
+    assert f"{out} holds files cvt did not write (config.json, notes.txt)" in error_line(capsys)
+    assert (out / "config.json").read_text() == '{"mine": true}' and len(list(out.iterdir())) == 2
+    assert main([*args, "--overwrite"]) == 0  # the run's config.json replaces the user's, the rest is left
+    assert json.loads((out / "config.json").read_text())["overwrite"] is True and (out / "last.pt").is_file()
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_attention_map_never_replaces_its_image(own, tmp_path, capsys):
