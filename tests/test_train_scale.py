@@ -565,7 +565,7 @@ def test_set_values_are_checked_before_anything_is_created(small, tmp_path, caps
 def test_unusable_output_fails_before_data_and_model_are_built(tmp_path):
     (tmp_path / "file").write_text("a file where the run directory should go")
     cfg = small_config(tmp_path / "no-such-data", tmp_path / "file" / "run")
-    with pytest.raises(OSError, match=r"cannot write to the run directory .*file/run .*choose another output"):
+    with pytest.raises(ValueError, match=r"file is a file, so .*file/run cannot be created inside it: choose another"):
         train(cfg)  # before: the missing data was found first, an unwritable output only after building
 
 

@@ -34,15 +34,19 @@ from torch import nn
 from ._optional import require
 from .eval_mode import eval_mode
 from .fileio import atomic_write
-from .model import model_metadata
+from .model import model_metadata, stage_grid
 from .optimize import fold_batchnorm
+from .outputs import check_output
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 18
-# The example traced has batch 2: torch.export specialises a dimension of size 1 to the constant 1.
+# The example traced has batch 2: torch.export specialises a dimension of size 1 to the constant 1. For the same
+# reason every stage's token grid of the example must be 2 or more; its size limits nothing else (the graph takes
+# any size), so the largest is only a bound on the memory tracing takes.
 _EXAMPLE_BATCH = 2
+MAX_EXAMPLE_SIZE = 1024
 
 
 @dataclasses.dataclass
@@ -66,14 +70,59 @@ class ExportResult:
         return max((diff for _, diff in self.checks), default=0.0)
 
 
+def check_example_size(size: int) -> int:
+    """`size` if it can be a side of the example traced (1 to `MAX_EXAMPLE_SIZE` pixels), else ValueError."""
+    if not 1 <= size <= MAX_EXAMPLE_SIZE:
+        raise ValueError(f"input size {size} is outside 1-{MAX_EXAMPLE_SIZE} pixels: it is the example traced, and "
+                         "the exported graph takes any size")  # fmt: skip
+    return size
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) ONNX opset that the installed exporter writes itself: from the version of torch's operator
+    library (below it torch only tries converting the finished graph, and keeps its own version when that fails,
+    without an error) to the highest torch.onnx declares, capped by the installed onnx's."""
+    onnx = require("onnx", package="onnx", extra="export", purpose="ONNX export")
+    try:  # private modules: the only place torch states them
+        from torch.onnx import _constants  # noqa: PLC0415
+        from torch.onnx._internal.exporter import _constants as exporter_constants  # noqa: PLC0415
+
+        low, high = exporter_constants.TORCHLIB_OPSET, _constants.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):
+        logger.warning("torch %s does not state its ONNX opsets where cvt looks: only %d", torch.__version__,
+                       DEFAULT_OPSET)  # fmt: skip
+        low = high = DEFAULT_OPSET
+    return low, min(high, onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> int:
+    """`opset` if the installed exporter writes it (`supported_opsets`), else ValueError naming the range."""
+    low, high = supported_opsets()
+    if not low <= opset <= high:
+        raise ValueError(f"opset {opset} is outside the opsets the installed exporter writes, {low}-{high} (torch "
+                         f"{torch.__version__})")  # fmt: skip
+    return opset
+
+
 def _input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """The example's (H, W), checked: within `check_example_size`, every stage's token grid 2 or more."""
     if input_size is None:
-        return tuple(model.data_config.input_size)
-    if isinstance(input_size, int):
-        return (input_size, input_size)
-    if len(input_size) == 1:
-        return (int(input_size[0]), int(input_size[0]))
-    return (int(input_size[-2]), int(input_size[-1]))
+        size = tuple(model.data_config.input_size)
+    elif isinstance(input_size, int):
+        size = (input_size, input_size)
+    else:
+        size = (int(input_size[0]), int(input_size[0])) if len(input_size) == 1 else tuple(map(int, input_size[-2:]))
+    for side in size:
+        check_example_size(side)
+    cfg = model.cfg
+    last = cfg.num_stages - 1
+    if min(stage_grid(cfg, last, size)) < 2:
+        smallest = next(n for n in range(1, MAX_EXAMPLE_SIZE + 1) if min(stage_grid(cfg, last, (n, n))) >= 2)
+        raise ValueError(
+            f"input size {size[0]}x{size[1]} leaves a token grid of {stage_grid(cfg, last, size)} in the last stage, "
+            f"which the exporter would fix as a constant: use {smallest} or more (the graph takes any size)"
+        )
+    return size
 
 
 def _default_check_shapes(in_chans: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -197,7 +246,7 @@ def export_onnx(
         model: a `CvT` or `CvTFeatures` (not modified).
         path: the .onnx file to write (atomically, only once the check passed).
         input_size: (H, W) or N of the example traced; default the model's `data_config.input_size`.
-        opset: ONNX opset version.
+        opset: ONNX opset version, within `supported_opsets()`.
         check: run the graph in onnxruntime and compare with PyTorch before writing.
         check_shapes: input shapes (B, C, H, W) to check; default batch 1 at `input_size` and batch 3 at
             (H / 2 + 1, W / 2 + 17).
@@ -208,13 +257,16 @@ def export_onnx(
 
     Raises:
         RuntimeError: the exported graph's outputs differ from PyTorch's by more than `atol`.
+        ValueError: an opset the installed exporter does not write (`supported_opsets`), or an example size it
+            cannot trace from; OutputError (a ValueError) for a folder where the file goes.
         MissingExtraError: onnx, onnxscript (the exporter) or onnxruntime (the check) is not installed.
     """
     onnx = require("onnx", package="onnx", extra="export", purpose="ONNX export")
     require("onnxscript", package="onnxscript", extra="export", purpose="ONNX export")  # torch's dynamo exporter
     if check:
         require("onnxruntime", package="onnxruntime", extra="export", purpose="checking an ONNX export")
-
+    check_opset(opset)
+    path = check_output(path, folder=False, suggest="model.onnx")
     size = _input_size(model, input_size)
     folded = prepare_for_export(model)
     in_chans = folded.cfg.in_chans
@@ -232,6 +284,9 @@ def export_onnx(
             verbose=False,
         )
     proto = program.model_proto
+    written = {entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")}
+    if written != {opset}:
+        raise RuntimeError(f"the exporter wrote opset {sorted(written)} where {opset} was asked; nothing was written")
     for key, value in _metadata(model).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -244,7 +299,6 @@ def export_onnx(
         input_name = session.get_inputs()[0].name
         shapes = check_shapes or _default_check_shapes(in_chans, size)
         checks = _check(lambda x: session.run(None, {input_name: x.numpy()}), model, shapes, atol, "ONNX")
-    path = Path(path)
     with atomic_write(path) as f:
         f.write(data)
     logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
@@ -278,7 +332,10 @@ def export_torchscript(
 
     Raises:
         RuntimeError: the traced module's outputs differ from PyTorch's by more than `atol`.
+        ValueError: an example size it cannot trace from; OutputError (a ValueError) for a folder where the file
+            goes.
     """
+    path = check_output(path, folder=False, suggest="model.pt")
     size = _input_size(model, input_size)
     folded = prepare_for_export(model)
     in_chans = folded.cfg.in_chans
@@ -304,7 +361,6 @@ def export_torchscript(
             reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
         shapes = check_shapes or _default_check_shapes(in_chans, size)
         checks = _check(lambda x: _as_list(reloaded(x)), model, shapes, atol, "TorchScript")
-    path = Path(path)
     with atomic_write(path) as f:
         f.write(data)
     logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
@@ -323,10 +379,14 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx", **kw
 
 __all__ = [
     "FORMATS",
+    "MAX_EXAMPLE_SIZE",
     "ExportResult",
+    "check_example_size",
+    "check_opset",
     "export",
     "export_onnx",
     "export_torchscript",
     "onnx_session",
     "prepare_for_export",
+    "supported_opsets",
 ]

@@ -18,8 +18,9 @@ from typing import IO, Any
 
 import torch
 
-# a full disk, an exhausted quota, no permission, a read-only file system: said with the file's own name
-NAMED_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# a full disk, an exhausted quota, no permission, a read-only file system, a folder in the way: said with the
+# file's own name
+NAMED_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR)
 # what to do about each; the one wording of a failed write, for every writer (`write_error`)
 WRITE_HINTS = {
     errno.ENOSPC: "the disk is full: free space (old runs, checkpoints) or choose another output",
@@ -29,6 +30,7 @@ WRITE_HINTS = {
     errno.EROFS: "the file system is read-only: choose another output",
     errno.ENOTDIR: "a file stands where a directory is needed: choose another output",
     errno.EEXIST: "a file stands where a directory is needed: choose another output",
+    errno.EISDIR: "a folder stands where a file is needed: choose another output",
 }
 
 
@@ -66,8 +68,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     If the body raises, the temporary file is removed and `path` keeps its previous content. The file ends with
     the existing file's mode, or 0o666 less the umask when it is new.
+
+    Raises:
+        IsADirectoryError: `path` is a folder (checked first, so nothing is written).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

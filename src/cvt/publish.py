@@ -1,5 +1,6 @@
 """Publishing a model on the Hugging Face hub: `push_to_hub(model, repo_id)` saves it (weights, config, image
-processor and model card, `cvt.save_model`) into a temporary folder and uploads that folder with huggingface_hub.
+processor and model card, `cvt.save_model`) into a temporary folder of its own and uploads that folder with
+huggingface_hub, without the marker that makes a folder cvt's locally (`cvt.outputs`).
 
     cvt.push_to_hub(model, "me/cvt-13-flowers")               # a transformers folder: pipeline() runs it on the hub
     cvt.push_to_hub(model, "me/cvt-demo", format="cvt")       # our format (any architecture, QuickGELU kept)
@@ -15,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import save_model
+from .outputs import MARKER
 
 
 def push_to_hub(
@@ -46,6 +48,7 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="cvt-push-") as tmp:
         folder = save_model(model, Path(tmp) / "model", format=format, results=results)
+        (folder / MARKER).unlink()  # the staging folder's own bookkeeping, not part of the model
         api.create_repo(repo_id, private=private, exist_ok=True)
         message = commit_message or f"Upload {model.model_name} ({format} format) with cvt"
         commit = api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), revision=revision,

@@ -31,7 +31,7 @@ from .formats import SAVE_FORMATS, CheckpointError
 from .hf_config import config_from_hf, config_to_hf
 from .infer import check_config_fits
 from .layouts import cvt_to_hf, cvt_to_official, hf_to_cvt, load_state_dict_strict, official_to_cvt
-from .read import Checkpoint, read_checkpoint
+from .read import Checkpoint, checkpoint_files, read_checkpoint
 from .save import save_model
 from .training import read_training_checkpoint, write_training_checkpoint
 
@@ -43,6 +43,7 @@ __all__ = [
     "check_config_fits",
     "config_from_hf",
     "config_to_hf",
+    "checkpoint_files",
     "cvt_to_hf",
     "cvt_to_official",
     "hf_to_cvt",

@@ -188,3 +188,27 @@ def read_checkpoint(path: str | os.PathLike, *, ema: bool = False) -> Checkpoint
         sidecar = path.parent / CONFIG_FILE
         ckpt = _from_state_dict(obj, path, _recorded(read_json(sidecar), sidecar) if sidecar.is_file() else None)
     return ckpt
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files that `read_checkpoint(path)` may read, for a writer to keep its output off them: the file or folder
+    itself, a folder's config, image processor and weights (an index and its shards included), and the config
+    files that a weights file is read with from beside it. Paths that do not exist are left out; of the files,
+    only a sharded folder's index is read.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        return []
+    folder = path if path.is_dir() else path.parent
+    files = [path, folder / CONFIG_FILE, folder / PREPROCESSOR_FILE]
+    if path.is_dir():
+        for name in HF_WEIGHT_FILES:
+            index = folder / f"{name}.index.json"
+            files += [folder / name, index]
+            if index.is_file():
+                try:
+                    shards = read_json(index).get("weight_map", {})
+                    files += [folder / str(shard) for shard in set(shards.values())]
+                except (CheckpointError, AttributeError, TypeError):
+                    pass  # reading the checkpoint reports it
+    return [file for file in files if file.exists()]

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import TRAINING_FIELDS, CvTConfig
 from ..fileio import atomic_save, atomic_write, write_json
 from ..model import model_metadata
+from ..outputs import check_output, check_output_folder, claim_folder
 from .card import CARD_FILE, model_card
 from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE, CheckpointError
 from .hf_config import PREPROCESSOR_FILE, config_to_hf, preprocessor_to_hf
@@ -49,8 +50,9 @@ def save_model(
     *,
     format: str = "cvt",
     results: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `model` atomically (each file appears whole or not at all).
+    """Write `model` atomically (each file appears whole or not at all), under the rule of `cvt.outputs`.
 
     Args:
         model: a `CvT`; its `model_name`, `data_config` and `class_names` are recorded (`cvt.model.model_metadata`).
@@ -63,13 +65,21 @@ def save_model(
             Hugging Face hub's metadata header, `cvt.checkpoint.card`).
         results: what a run measured, for the card: {"dataset", "split", "top1", "top5", "epoch"} (percent), as
             `Checkpoint.results` of a training checkpoint holds them.
+        overwrite: write a folder format into a folder that holds files cvt did not write (files of the same
+            names are replaced, the others left); without it such a folder is refused.
 
     Returns:
         `path`.
+
+    Raises:
+        OutputError: a folder stands where the file goes or the reverse, or the folder holds files cvt did not
+            write (without `overwrite`); nothing is written then.
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {SAVE_FORMATS}")
-    path = Path(path)
+    path = check_output(path, folder=format != "official", suggest="model.pth")
+    if format != "official":
+        check_output_folder(path, overwrite=overwrite)
     cfg = model.cfg
     meta = model_metadata(model)
     if class_names is not None:
@@ -83,10 +93,9 @@ def save_model(
             logger.warning("%s records no architecture; load it with the same config fields you built it with", path)
         atomic_save(cvt_to_official(state), path)
         return path
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is a file; format {format!r} writes a folder")
-    if format == "hf":
-        hf_config = config_to_hf(cfg, names, model.data_config, meta["model_name"])
+    hf_config = config_to_hf(cfg, names, model.data_config, meta["model_name"]) if format == "hf" else None
+    claim_folder(path, f"save_model ({format})", overwrite=overwrite)
+    if hf_config is not None:
         if cfg.act != "gelu":
             logger.warning("transformers' CvT computes GELU where this model computes QuickGELU: logits will differ")
         _write_safetensors(cvt_to_hf(state), path / WEIGHTS_FILE)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from cvt.attention_map import class_token_attention, denormalize, plot_attention, top_predictions
+from cvt.checkpoint import checkpoint_files
 from cvt.cli.usage import DeviceAction
 from cvt.data import create_eval_transform, load_image
 from cvt.factory import resolve_model
+from cvt.outputs import check_output
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, [args.image, *checkpoint_files(args.model)], folder=False, suggest="attention.png")
     model = resolve_model(args.model).to(args.device)
     data_config = model.data_config
     image = create_eval_transform(data_config)(load_image(args.image))  # (3, H, W), normalised

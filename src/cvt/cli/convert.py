@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.checkpoint import SAVE_FORMATS, read_checkpoint, save_model
-from cvt.cli.usage import DeprecatedAlias, UsageError
+from cvt.checkpoint import SAVE_FORMATS, checkpoint_files, read_checkpoint, save_model
+from cvt.cli.usage import DeprecatedAlias, UsageError, add_overwrite_option
 from cvt.factory import create_model, model_from_checkpoint
+from cvt.outputs import check_output, check_output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,10 +33,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "default: read from SRC or inferred from its weights",
     )
     p.add_argument("--ema", action="store_true", help="from a training checkpoint, convert the EMA weights")
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    folder = args.to != "official"
+    check_output(args.dst, checkpoint_files(args.src), folder=folder, suggest="model.pth")
+    if folder:
+        check_output_folder(args.dst, overwrite=args.overwrite)
     if args.arch:
         if args.ema:
             raise UsageError("--ema reads a training checkpoint, which records its architecture: drop --arch")
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ckpt = read_checkpoint(args.src, ema=args.ema)
         model, results = model_from_checkpoint(ckpt), ckpt.results  # a training run's results go into the model card
-    path = save_model(model, args.dst, format=args.to, results=results)
+    path = save_model(model, args.dst, format=args.to, results=results, overwrite=args.overwrite)
     tensors = len(model.state_dict())
     print(f"wrote {path} ({args.to}): {model.model_name}, {model.num_classes} classes, {tensors} tensors")
     return 0

@@ -6,10 +6,12 @@ import argparse
 import sys
 import time
 
+from cvt.cli.usage import add_overwrite_option
 from cvt.data import UnreadableImageError, make_dataset, make_digits, open_dataset, write_shards
 from cvt.data.check import check_dataset
 from cvt.data.decode import DEFAULT_MAX_PIXELS
 from cvt.data.synthetic import MAX_CLASSES
+from cvt.outputs import check_output, check_output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order instead of shuffling")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    add_overwrite_option(p)
     p.set_defaults(func=run_write_shards)
 
 
@@ -126,6 +129,8 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_write_shards(args: argparse.Namespace) -> int:
+    check_output(args.out, folder=True, datasets=[args.source])
+    check_output_folder(args.out, overwrite=args.overwrite)
     dataset = open_dataset(args.source, split=args.split)
     if not hasattr(dataset, "samples"):
         raise ValueError(f"{args.source} is already sharded; write-shards reads class folders or a .csv list")
@@ -138,6 +143,7 @@ def run_write_shards(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         shuffle=shuffle,
         seed=seed,
+        overwrite=args.overwrite,
     )
     print(f"wrote {len(dataset)} samples of {len(dataset.classes)} classes into {len(paths)} shard(s) in {args.out}")
     return 0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from cvt.cli.usage import DeviceAction, UsageError, add_input_size_option
-from cvt.export import DEFAULT_OPSET, FORMATS, export
+from cvt.checkpoint import checkpoint_files
+from cvt.cli.usage import DeviceAction, add_input_size_option, checked_int
+from cvt.export import DEFAULT_OPSET, FORMATS, MAX_EXAMPLE_SIZE, check_example_size, check_opset, export
 from cvt.factory import resolve_model
+from cvt.outputs import check_output
+
+SUFFIXES = {"onnx": "onnx", "torchscript": "pt"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint path or registered name[.tag] (released weights)")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
     p.add_argument("--output", required=True, help="file to write")
-    add_input_size_option(p, "example size (default: the model's)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    add_input_size_option(p, f"size of the example traced, up to {MAX_EXAMPLE_SIZE} (default: the model's; the exported "
+                          "graph takes any size)", type=checked_int(check_example_size))  # fmt: skip
+    p.add_argument("--opset", type=checked_int(check_opset), default=DEFAULT_OPSET,
+                   help=f"ONNX opset, one the installed exporter writes (default: {DEFAULT_OPSET})")  # fmt: skip
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to PyTorch accepted")
     p.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
     p.add_argument(
@@ -31,8 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.input_size is not None and len(args.input_size) not in (1, 2):
-        raise UsageError(f"--input-size takes N or H W, got {args.input_size}")
+    check_output(args.output, checkpoint_files(args.model), folder=False, suggest=f"model.{SUFFIXES[args.format]}")
     model = resolve_model(args.model).to(args.device)
     result = export(
         model,

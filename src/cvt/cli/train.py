@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 
-from cvt.cli.usage import DeviceAction, UsageError
+from cvt.cli.usage import DeviceAction, UsageError, add_overwrite_option
 from cvt.train import (
     PREEMPTED_EXIT_CODE,
     TrainConfig,
@@ -52,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="resume from a checkpoint or run directory (default: OUTPUT/last.pt); without --config the "
                    "run's own config is used")  # fmt: skip
     p.add_argument("--output", help="run directory (overrides the config's `output`)")
+    add_overwrite_option(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), action=DeviceAction, default=None,
                    help="where to train (overrides the config's `device`; auto: CUDA when available)")  # fmt: skip
     p.set_defaults(func=run)
@@ -66,6 +67,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the arguments describe; the options' values travel typed, `--set`'s are parsed once."""
     extra = parse_overrides(args.overrides)
     extra.update({k: v for k, v in (("data", args.data), ("output", args.output), ("device", args.device)) if v})
+    if args.overwrite:
+        extra["overwrite"] = True
     if args.config:
         cfg = load_config(args.config, {**extra, **({"init": args.model} if args.model else {})})
     elif args.model:

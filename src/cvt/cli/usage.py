@@ -1,14 +1,18 @@
 """Command-line usage helpers: `UsageError` (arguments found not to work together after parsing: exit code 2, as
 argparse's own), `DeprecatedAlias` (an old option spelling that still works and says which one replaces it),
 `add_json_option` (the one `--json [FILE]` of the commands that report results), `add_input_size_option` (the
-one `--input-size N | H W`) and `DeviceAction` (the one check of every `--device`: a device this machine has, refused
-at parse time otherwise)."""
+one `--input-size N | H W`), `add_overwrite_option` (the one `--overwrite` of the commands that write a folder),
+`checked_int` (a number option checked at parse time) and `DeviceAction` (the one check of every `--device`: a device
+this machine has, refused at parse time otherwise)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from cvt._optional import MissingExtraError
 
 
 class UsageError(ValueError):
@@ -38,10 +42,36 @@ class _InputSize(argparse.Action):
         setattr(namespace, self.dest, (values[0], values[-1]))
 
 
-def add_input_size_option(parser: argparse.ArgumentParser, help: str) -> None:
-    """`--input-size N | H W` (alias `--res`), parsed to (H, W), None when not given."""
-    parser.add_argument("--input-size", "--res", dest="input_size", type=int, nargs="+", default=None,
+def add_input_size_option(
+    parser: argparse.ArgumentParser, help: str, type: Callable[[str], int] = int
+) -> None:
+    """`--input-size N | H W` (alias `--res`), parsed to (H, W), None when not given; `type` parses each number."""
+    parser.add_argument("--input-size", "--res", dest="input_size", type=type, nargs="+", default=None,
                         action=_InputSize, metavar="N", help=f"{help}: N (square) or H W")  # fmt: skip
+
+
+def checked_int(check: Callable[[int], int]) -> Callable[[str], int]:
+    """An argparse `type`: a whole number that `check` returns; its ValueError (or a missing extra it needs)
+    becomes argparse's error line naming the option: `argument --opset: opset 1 is outside ...`."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        try:
+            return check(number)
+        except (ValueError, MissingExtraError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """`--overwrite`: write into an output folder that holds files cvt did not write (`cvt.outputs`)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an output folder that holds files cvt did not write, replacing those of "
+                        "the same names (without it such a folder is refused)")  # fmt: skip
 
 
 class DeprecatedAlias(argparse.Action):

@@ -34,6 +34,7 @@ fewer, so all ranks take the same number of optimiser steps and every epoch ends
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import itertools
 import json
@@ -49,6 +50,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..fileio import atomic_write, write_json
+from ..outputs import check_output, claim_folder
 from .class_names import check_class_names
 from .decode import DEFAULT_MAX_PIXELS, UnreadableImageError, is_image_file, load_image
 from .seeding import rng_scope, sample_seed
@@ -392,8 +394,9 @@ def write_shards(
     prefix: str = "shard",
     shuffle: bool = True,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Copy image files (bytes unchanged) into tar shards plus `classes.txt`.
+    """Copy image files (bytes unchanged) into tar shards plus `classes.txt`, under the rule of `cvt.outputs`.
 
     Args:
         samples: (image file, class index) pairs, e.g. the `samples` of a folder or CSV dataset from `open_dataset`;
@@ -405,14 +408,21 @@ def write_shards(
         shuffle: shuffle the samples first (a folder lists one class after another, which a shuffle buffer
             cannot mix well).
         seed: seed of that shuffle.
+        overwrite: write into a folder that holds files cvt did not write.
 
     Returns:
-        The shard paths, in order. Each shard is written atomically.
+        The shard paths, in order. Each shard is written atomically; shards of an earlier write under the same
+        prefix that this one does not write again are removed.
+
+    Raises:
+        OutputError: `out_dir` is or contains a folder of the images, or holds files cvt did not write (without
+            `overwrite`); nothing is written then.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    image_folders = {os.path.dirname(os.path.abspath(file)) for file, _ in samples}  # a few per class, not per image
+    check_output(out_dir, sorted(image_folders), folder=True)
+    out = claim_folder(out_dir, "write_shards", overwrite=overwrite)
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST_FILE).unlink()  # until the last shard is written, the folder is no dataset
     order = list(range(len(samples)))
@@ -428,6 +438,8 @@ def write_shards(
                 _add_member(tar, f"{index:08d}.{ext}", Path(file).read_bytes())
                 _add_member(tar, f"{index:08d}.cls", str(label).encode())
         paths.append(path)
+    for stale in set(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) - set(paths):
+        stale.unlink()  # an earlier write's extra shard, under a name of ours: it would not match the manifest
     counts = [min(shard_size, len(order) - start) for start in range(0, len(order), shard_size)]
     with atomic_write(out / CLASSES_FILE, "w") as f:
         f.write("".join(f"{name}\n" for name in classes))

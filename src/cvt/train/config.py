@@ -84,7 +84,8 @@ class TrainConfig:
         num_threads: CPU threads of this process (`torch.set_num_threads`), None for torch's default.
         seed: seed of the model initialisation, the data order and per-rank randomness (seed + rank).
         deterministic: `torch.use_deterministic_algorithms(True)` for bit-exact reruns.
-        output: run directory.
+        output: run directory: new, empty or cvt's own (`cvt.outputs`); never the data or around it.
+        overwrite: write the run into an `output` that holds files cvt did not write.
         resume: checkpoint to resume from: a .pt file, a run directory, or "auto" for `output`/last.pt when there
             is one (a new run otherwise: the setting for `torchrun --max-restarts` and re-queued jobs).
         max_steps: stop (with a checkpoint) after this many optimiser steps of the run, e.g. to split a job.
@@ -144,6 +145,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     output: str = "runs/train"
+    overwrite: bool = False
     resume: str | None = None
     max_steps: int | None = None
     save_every_steps: int | None = None

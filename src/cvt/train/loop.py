@@ -44,7 +44,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         with contextlib.ExitStack() as stack, deterministic(cfg.deterministic), StopRequest().installed() as stop:
             stack.enter_context(_reported(env))
             check_options(cfg, env)
-            run_dir = RunDir(cfg.output, main=env.main)
+            run_dir = RunDir(cfg.output, main=env.main, data=cfg.data, init=cfg.init, resume=cfg.resume,
+                             overwrite=cfg.overwrite)  # fmt: skip
             run_dir.lock()
             stack.callback(run_dir.unlock)
             resume = resolve_resume(cfg.resume, cfg.output, fresh_ok=True) if cfg.resume is not None else None

@@ -1,6 +1,10 @@
 """The run directory rank 0 writes: config.json, metrics.csv, summary.json, curves.png and TensorBoard events
 (the checkpoints beside them are `state.save_checkpoint`'s), and the lock that makes it one run's.
 
+The directory follows the rule of every writer (`cvt.outputs`): it never is, contains or lies inside the data or
+the checkpoint the run reads, and it is written only when new, empty or cvt's (marked, or a run from before the
+marker, with its `last.pt`), unless `overwrite`.
+
 The lock is `run.lock`, created exclusively, holding the owner's PID, host and start time. A second run on the same
 directory is refused with a message naming the owner; a lock whose owner is gone (same host, no such process) is
 stale and taken over with a warning. Holding it, rank 0 removes the temporary files that a killed run's atomic
@@ -21,6 +25,7 @@ from typing import Any
 
 from .._optional import require
 from ..fileio import atomic_write, write_error, write_json
+from ..outputs import check_output, check_output_folder, mark_folder
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ LOCK_FILE = "run.lock"
 # the files of a run written through `fileio.atomic_write` (temporary names `.<name>.<random>.tmp`)
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "curves.png", "last.pt", "last.prev.pt", "best.pt")
 EMPTY_LOCK_GRACE_S = 10  # a lock file still empty after this long was left by a run killed as it took the lock
+LEGACY_RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", LOCK_FILE)  # a run directory from before the marker
 
 
 class RunDirLocked(RuntimeError):
@@ -55,10 +61,27 @@ class RunDir:
     Args:
         path: the directory.
         main: whether this process writes.
+        data: the dataset the run reads, which the directory must keep off (not be, contain or lie inside).
+        init: the checkpoint the run starts from, likewise (not be or contain).
+        resume: the checkpoint the run resumes from; in the directory, it is the run's own.
+        overwrite: write into a directory that holds files cvt did not write.
     """
 
-    def __init__(self, path: str | os.PathLike, *, main: bool) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        main: bool,
+        data: str | os.PathLike | None = None,
+        init: str | os.PathLike | None = None,
+        resume: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.path, self.main = Path(path), main
+        self.data, self.init, self.overwrite = data, init, overwrite
+        resumed = Path(resume).expanduser() if resume is not None else None
+        own = resumed is not None and resumed.is_file() and resumed.resolve().parent == self.path.resolve()
+        self._own_names = (*LEGACY_RUN_FILES, *((resumed.name,) if own else ()))
         self.writer: Any = None
         self._plotted = time.perf_counter()
         self._lock: Path | None = None
@@ -67,14 +90,19 @@ class RunDir:
         """Make the directory this run's (main process): create it, take the lock, remove stale temporary files.
 
         Raises:
+            OutputError: the directory is, contains or lies inside an input, or holds files cvt did not write
+                (every process checks the inputs; the main one the directory's files).
             RunDirLocked: another live run holds the lock.
             OSError: the directory cannot be created or written (the message names it and the cause).
         """
+        check_output(self.path, [self.init], folder=True, datasets=[self.data])
         if not self.main:
             return
+        check_output_folder(self.path, overwrite=self.overwrite, legacy=self._own_names)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = take_lock(self.path / LOCK_FILE)
+            mark_folder(self.path, "cvt train")  # after the lock: a live run's directory stays as it is
         except (PermissionError, FileExistsError, NotADirectoryError) as err:
             raise write_error(f"to the run directory {self.path} (creating it and its {LOCK_FILE})", err) from None
         for name in RUN_FILES:
