@@ -21,8 +21,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint path or registered name[.tag] (released weights)")
     p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
     p.add_argument("--output", required=True, help="file to write")
-    add_input_size_option(p, f"size of the example traced, up to {MAX_EXAMPLE_SIZE} (default: the model's; the exported "
-                          "graph takes any size)", type=checked_int(check_example_size))  # fmt: skip
+    add_input_size_option(
+        p,
+        f"size of the example traced, up to {MAX_EXAMPLE_SIZE} (default: the model's; the graph takes any size)",
+        type=checked_int(check_example_size),
+    )
     p.add_argument("--opset", type=checked_int(check_opset), default=DEFAULT_OPSET,
                    help=f"ONNX opset, one the installed exporter writes (default: {DEFAULT_OPSET})")  # fmt: skip
     p.add_argument("--atol", type=float, default=1e-4, help="largest max-abs difference to PyTorch accepted")
