@@ -51,7 +51,7 @@ def test_subset_lists_open_as_a_dataset_with_the_trees_classes(tmp_path):
 
 
 def test_controls_refuse_arms_that_differ_in_more_than_their_start():
-    scratch = TrainConfig(model_kwargs={"dims": [32, 64, 128]}, optimizer="adamw", lr=1e-3, output="a")
+    scratch = TrainConfig(model_kwargs={"dims": [32, 96, 192]}, optimizer="adamw", lr=1e-3, output="a")
     adamw = TrainConfig(init="pre/best.pt", optimizer="adamw", lr=1e-3, lr_per_256=2.5e-5, output="b")
     sgd = TrainConfig(init="pre/best.pt", optimizer="sgd", lr_per_256=0.005, weight_decay=0.0, output="c")
     diffs = study.check_controls({"finetune": sgd, "finetune_adamw": adamw, "scratch": scratch})
