@@ -22,29 +22,18 @@ from transformers import (
 )
 
 import cvt
+from cvt.config import DataConfig
+from test_hf_interop import TINY, tiny_model  # tests/ is on sys.path (pytest's rootdir import)
 
-TINY = {"dims": (16, 32, 48), "depths": (1, 2, 3), "heads": (1, 2, 3)}  # depth[i] > i: what transformers' CvT runs
 FORMATS = ("official", "hf", "cvt")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def spread(model: cvt.CvT, seed: int) -> cvt.CvT:
-    """Weights far from their init (BatchNorm statistics included), so that a weight not loaded shows."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 1.5)
-            elif tensor.is_floating_point():
-                tensor.normal_(0.0, 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> tuple[cvt.CvT, dict[str, str]]:
     """A tiny model and its checkpoints: the authors' bare state dict, a transformers folder, our own folder."""
-    model = spread(cvt.create_model("cvt_13", num_classes=5, act="gelu", **TINY), seed=1)
+    model = tiny_model(DataConfig(), act="gelu", seed=1)
     root = tmp_path_factory.mktemp("ckpt")
     paths = {"official": root / "tiny.pth", "hf": root / "hf", "cvt": root / "own"}
     for fmt, path in paths.items():

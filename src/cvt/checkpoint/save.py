@@ -17,6 +17,7 @@ from ..variants import match_variant
 from .card import CARD_FILE, model_card
 from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE
 from .hf_config import PREPROCESSOR_FILE, config_to_hf, preprocessor_to_hf
+from .hf_processor import processor_deviation
 from .layouts import cvt_to_hf, cvt_to_official
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ def save_model(
         _write_safetensors(cvt_to_hf(state), path / WEIGHTS_FILE)
         write_json(preprocessor_to_hf(model.data_config), path / PREPROCESSOR_FILE)
         write_json(hf_config, path / CONFIG_FILE)
+        if deviation := processor_deviation(path, model.data_config):
+            logger.warning("%s: %s", path, deviation)
     else:
         _write_safetensors(state, path / WEIGHTS_FILE)
         write_json({"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, **meta}, path / CONFIG_FILE)
