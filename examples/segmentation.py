@@ -1,7 +1,7 @@
 """Semantic segmentation with transformers' UperNet on a CvT backbone, beside ConvNeXt, Swin and ResNet backbones of
 about the same size, all from random weights, trained on generated shapes.
 
-    python examples/segmentation.py                                  # the four backbones, 64x64, 120 steps of 8
+    python examples/segmentation.py                                  # the four backbones, 64x64, 300 steps of 8
     python examples/segmentation.py --backbones cvt --picture docs/dense_masks.png
     python examples/segmentation.py --backbones cvt --weights CvT-13-224x224-IN-1k.pth   # any checkpoint cvt reads
 
@@ -153,7 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="CvT from this checkpoint (any format cvt reads) instead")
     p.add_argument("--size", type=int, default=64, help="image side (default 64)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--picture", default=None, help="write the first backbone's held-out masks to this PNG")
