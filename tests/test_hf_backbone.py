@@ -214,3 +214,18 @@ def test_saved_model_reloads_exactly_in_a_new_process(source, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(source):
+    _, paths = source
+    x, grads = images(), []
+    for checkpointing in (False, True):
+        backbone = AutoBackbone.from_config(backbone_config(paths["cvt"])).train()
+        if checkpointing:
+            backbone.gradient_checkpointing_enable()
+            assert all(stage.grad_checkpointing for stage in backbone.cvt.stages)
+        torch.manual_seed(0)  # the same drop-path draws in both runs
+        sum(m.square().mean() for m in backbone(x).feature_maps).backward()
+        grads.append([p.grad for p in backbone.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
