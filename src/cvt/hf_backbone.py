@@ -26,7 +26,6 @@ so other sizes work too (tests run 61 x 75).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +47,6 @@ require("transformers", package="transformers", extra="hf", purpose="CvT as a tr
 from transformers import AutoBackbone, AutoConfig, PretrainedConfig, PreTrainedModel  # noqa: E402
 from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin  # noqa: E402
 from transformers.modeling_outputs import BackboneOutput  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "cvt_backbone"  # not "cvt": transformers registers that name for its CvT classifier
 
@@ -114,9 +111,8 @@ class CvtBackboneConfig(BackboneConfigMixin, PretrainedConfig):
 def _build_cvt(config: CvtBackboneConfig) -> CvT:
     """The CvT of `config`: with its `weights` loaded, except on the meta device (inside `from_pretrained`)."""
     cfg = config.architecture
-    model = CvT(dataclasses.replace(cfg, num_classes=0))
-    if not config.weights or next(model.parameters()).is_meta:
-        return model
+    if not config.weights or torch.empty(0).is_meta:  # from_pretrained builds under `torch.device("meta")`
+        return CvT(dataclasses.replace(cfg, num_classes=0))
     path = Path(config.weights).expanduser()
     if path.exists():
         return build_model(read_checkpoint(path), cfg)
