@@ -1,6 +1,6 @@
 """Object detection with transformers' DETR on a CvT backbone, trained from random weights on generated shapes.
 
-    python examples/detection.py                       # 96x96, 300 steps of 8 (a few minutes on a CPU)
+    python examples/detection.py                       # 96x96, 300 steps of 8 (about 5 minutes on a shared CPU)
     python examples/detection.py --weights CvT-13-224x224-IN-1k.pth --steps 2000   # any checkpoint cvt reads
 
 DETR is built as transformers documents it for a backbone of its own: `DetrConfig(backbone_config=
@@ -9,9 +9,10 @@ cvt.hf_backbone_config(...), use_timm_backbone=False, use_pretrained_backbone=Fa
 `cvt.data.synthetic` (its outline is the class) on a cluttered background; its box is the mask's bounding box.
 
 A small-scale check, not a detector: DETR needs hundreds of epochs on COCO, and this run is a few hundred steps on
-one object per image. It shows the loss falling and the boxes found: on 64 held-out images it prints how often the
-most confident query has the right class and a box overlapping the truth by IoU > 0.75, against a baseline that
-always answers the average box of the training set. docs/dense.md has the figures of a run.
+one object per image. It prints the loss falling and scores the boxes: on 64 held-out images, how often the most
+confident query has the right class and a box overlapping the truth by IoU > 0.75, against a baseline that always
+answers the average box of the training set. In the runs of docs/dense.md (up to 2,000 steps) the loss falls but
+the boxes are not yet better than that baseline.
 """
 
 from __future__ import annotations
