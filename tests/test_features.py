@@ -1,6 +1,3 @@
-import importlib.util
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -94,34 +91,3 @@ def test_backbone_trains():
     loss.backward()
     grads = [p.grad for p in features.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-
-
-def _load_example(name):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_segmentation_example_masks_match_images():
-    seg = _load_example("segmentation")
-    images, masks = seg.make_batch(4, 48, torch.Generator().manual_seed(0))
-    assert images.shape == (4, 3, 48, 48) and masks.shape == (4, 48, 48)
-    assert set(masks.unique().tolist()) <= {0, 1, 2, 3} and (masks > 0).any()
-    pixels = images * seg.STD + seg.MEAN
-    for b in range(4):
-        # each of the at most 3 shapes is one flat colour, exactly where its mask says; the background is noise
-        shapes = pixels[b][:, masks[b] > 0].T
-        background = pixels[b][:, masks[b] == 0].T
-        assert 1 <= len(shapes.unique(dim=0)) <= 3
-        assert len(background.unique(dim=0)) > 0.9 * len(background)
-
-
-def test_segmentation_example_trains(capsys):
-    seg = _load_example("segmentation")
-    losses = seg.main(["--depths", "1", "1", "1", "--size", "48", "--batch-size", "4", "--steps", "8"])
-    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss goes down
-    out = capsys.readouterr().out
-    assert "maps of [64, 192, 384] channels at strides [4, 8, 16]" in out and "held-out pixel accuracy" in out

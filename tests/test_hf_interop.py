@@ -3,6 +3,7 @@ images as our evaluation transform does, `DataConfig` survives the round trip, a
 is refused. transformers is the reference throughout."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,82 @@ def test_our_export_loads_back_with_its_activation(tmp_path):
         CvtConfig(embed_dim=TINY["dims"], depth=TINY["depths"], num_heads=TINY["heads"])
     ).save_pretrained(tmp_path / "theirs")
     assert cvt.load_model(tmp_path / "theirs").cfg.act == "quick_gelu"
+
+
+# ---- the centre-crop drift: real photographs whose margins after resizing are odd or even ----------------------
+
+# scikit-learn's photos are 640x427; cropped to width W, our 224 protocol resizes to int(256 W / 427) x 256 and cuts
+# margins of int(256 W / 427) - 224 and 32 pixels; the 384 "center" one (crop_pct 0.875) resizes to 438 rows
+DRIFT_DATA = {
+    "224 center": DataConfig(224, crop_mode="center", crop_pct=0.875),  # the released 224 protocol
+    "384 squash": DataConfig(384, crop_mode="squash", crop_pct=1.0),  # the released 384 protocol: no crop
+    "384 center": DataConfig(384, crop_mode="center", crop_pct=0.875),
+}
+DRIFT_PHOTOS = {  # (photo, width kept): 224 margin / 384-center margin along the width
+    "china": (0, 640),  # 159 (3 mod 4) / 272
+    "flower": (1, 640),  # 159 (3 mod 4) / 272
+    "china-627": (0, 627),  # 151 (3 mod 4) / 259 (3 mod 4)
+    "flower-630": (1, 630),  # 153 (odd, 1 mod 4) / 262
+    "china-624": (0, 624),  # 150 / 256
+}
+
+
+@pytest.fixture(scope="module")
+def drift_photos(tmp_path_factory) -> dict[str, str]:
+    from sklearn.datasets import load_sample_images
+
+    folder, photos = tmp_path_factory.mktemp("photos"), load_sample_images().images
+    paths = {}
+    for name, (index, width) in DRIFT_PHOTOS.items():
+        paths[name] = str(folder / f"{name}.png")
+        Image.fromarray(photos[index][:, :width]).save(paths[name])
+    return paths
+
+
+def crop_margins(data: DataConfig, size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) cut by the centre crop of `data`, by hand: the shorter side resized to int(side / crop_pct)."""
+    if data.crop_mode == "squash":
+        return 0, 0
+    width, height = size
+    short = int(data.input_size[0] / data.crop_pct)
+    resized = (short, int(short * width / height)) if height < width else (int(short * height / width), short)
+    return resized[0] - data.input_size[0], resized[1] - data.input_size[1]
+
+
+def floor_crop(image: Image.Image, data: DataConfig) -> torch.Tensor:
+    """Our transform with the crop offsets rounded down, by hand: what transformers 5.x computes."""
+    width, height = image.size
+    rows, cols = crop_margins(data, image.size)
+    resized = image.resize((data.input_size[1] + cols, data.input_size[0] + rows), Image.Resampling.BICUBIC)
+    box = (cols // 2, rows // 2, cols // 2 + data.input_size[1], rows // 2 + data.input_size[0])
+    pixels = torch.from_numpy(np.asarray(resized.crop(box), dtype=np.float32) / 255).permute(2, 0, 1)
+    return (pixels - torch.tensor(data.mean).view(3, 1, 1)) / torch.tensor(data.std).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("key", DRIFT_DATA)
+def test_processor_on_real_photos_with_odd_and_even_margins(key, drift_photos, tmp_path, caplog, capsys):
+    data = DRIFT_DATA[key]
+    with caplog.at_level("WARNING", logger="cvt.checkpoint.save"):
+        cvt.save_model(tiny_model(data, seed=2), tmp_path / "hf", format="hf")
+        cvt.save_model(tiny_model(data, seed=2), tmp_path / "own")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    classify = pipeline("image-classification", model=str(tmp_path / "hf"))
+    assert main(["predict", "--model", str(tmp_path / "own"), *drift_photos.values(), "--json", "--no-optimize"]) == 0
+    predicted = {Path(p["path"]).stem: p["predictions"] for p in json.loads(capsys.readouterr().out)}
+    exact_everywhere = True
+    for name, path in drift_photos.items():
+        image = Image.open(path).convert("RGB")
+        theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+        ours = create_eval_transform(data)(image)
+        margins = crop_margins(data, image.size)
+        if all(m % 4 != 3 for m in margins):  # round half to even and floor agree
+            assert (theirs - ours).abs().max() < 1e-5, (name, margins)
+            ranked = [p["label"] for p in classify(path, top_k=5)]
+            assert ranked == [p["label"] for p in predicted[name]], (name, margins)  # the same ranking
+        else:
+            exact_everywhere = False
+            assert (theirs - ours).abs().max() > 0.1, (name, margins)  # the crop sits elsewhere
+            assert (theirs - floor_crop(image, data)).abs().max() < 1e-5, (name, margins)  # one pixel up or left
+    warned = [r.getMessage() for r in caplog.records if "probe images" in r.getMessage()]
+    assert bool(warned) == (not exact_everywhere) == (key != "384 squash")
+    assert not warned or ("floor((W - w) / 2)" in warned[0] and "top-1" in warned[0])

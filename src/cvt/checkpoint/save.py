@@ -19,6 +19,7 @@ from ..outputs import check_output, check_output_folder, claim_folder
 from .card import CARD_FILE, model_card
 from .formats import CONFIG_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, SAVE_FORMATS, WEIGHTS_FILE, CheckpointError
 from .hf_config import PREPROCESSOR_FILE, config_to_hf, preprocessor_to_hf
+from .hf_processor import processor_deviation
 from .infer import infer_config
 from .layouts import cvt_to_hf, cvt_to_official
 
@@ -101,6 +102,8 @@ def save_model(
         _write_safetensors(cvt_to_hf(state), path / WEIGHTS_FILE)
         write_json(preprocessor_to_hf(model.data_config), path / PREPROCESSOR_FILE)
         write_json(hf_config, path / CONFIG_FILE)
+        if deviation := processor_deviation(path, model.data_config):
+            logger.warning("%s: %s", path, deviation)
     else:
         _write_safetensors(state, path / WEIGHTS_FILE)
         write_json({"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, **meta}, path / CONFIG_FILE)

@@ -191,6 +191,12 @@ def _clutter(
 
 def render(outline: str, fill: str, size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one image of class (outline, fill) at `size` x `size` with randomness from `rng`."""
+    return render_with_mask(outline, fill, size, rng)[0]
+
+
+def render_with_mask(outline: str, fill: str, size: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """`render`'s image and the object's mask, (size, size) bool: the pixels more than half covered by it (a line
+    drawn across the object afterwards is not taken out). The same draws as `render`."""
     scale = size / 64
     # background: a random colour with a gentle linear gradient (up to +-50 per channel across the image)
     base = rng.integers(0, 256, 3).astype(np.float32)
@@ -220,7 +226,7 @@ def render(outline: str, fill: str, size: int, rng: np.random.Generator) -> Imag
     out = Image.fromarray(np.uint8(np.clip(np.rint(image), 0, 255)))
     if rng.random() < 0.15:  # sometimes a thin line crosses the object
         _clutter(ImageDraw.Draw(out), rng, size, 1, kinds=1)
-    return out
+    return out, alpha[..., 0] > 0.5
 
 
 def _image_rng(seed: int, split: int, label: int, index: int) -> np.random.Generator:
