@@ -37,8 +37,9 @@ from torch import nn
 from ._optional import require
 from .checkpoint import read_checkpoint
 from .config import CvTConfig
-from .factory import build_model, load_model, load_pretrained
+from .factory import load_model, model_from_checkpoint
 from .features import CvTFeatures
+from .hub import download_weights
 from .model import ConvEmbed, CvT
 from .variants import model_config, resolve
 
@@ -115,15 +116,16 @@ def _build_cvt(config: CvtBackboneConfig) -> CvT:
         return CvT(dataclasses.replace(cfg, num_classes=0))
     path = Path(config.weights).expanduser()
     if path.exists():
-        return build_model(read_checkpoint(path), cfg)
+        return model_from_checkpoint(read_checkpoint(path), cfg)
     try:
-        _, _, _, entry = resolve(config.weights)
+        arch, _, tag, entry = resolve(config.weights)
     except ValueError:
         raise FileNotFoundError(
             f"CvtBackboneConfig.weights={config.weights!r} is neither an existing checkpoint nor a registered model; "
             "set weights=None to build with random weights"
         ) from None
-    return load_pretrained(cfg, entry, True)
+    local = download_weights(entry.hf_hub_id, official_file=entry.official_file)
+    return model_from_checkpoint(read_checkpoint(local), cfg, name=f"{arch}.{tag}", data=entry.data)
 
 
 class CvtBackbone(BackboneMixin, PreTrainedModel):
