@@ -22,8 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-optimize", action="store_true", help="run the model as built, not optimize_for_inference's")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto (default: "
-                        "onnxruntime for float32 on CPU when installed, else torch)")  # fmt: skip
+                   help="what runs the optimized model: torch, onnxruntime, openvino (converted once, cached) or auto "
+                        "(default: the fastest measured on this machine, README: Performance)")  # fmt: skip
     p.set_defaults(func=run)
 
 
