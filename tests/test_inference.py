@@ -361,3 +361,58 @@ def test_cvt_predict_runs_uncached_when_the_cache_is_a_file(model, tmp_path, mon
     assert "a.png" in capsys.readouterr().out
     warned = [r for r in caplog.records if r.levelno >= logging.WARNING and "uncached" in r.getMessage()]
     assert len(warned) == (backend == "openvino")  # "auto" on one image converts nothing, so nothing to warn of
+
+
+@pytest.fixture(scope="module")
+def calibration(model):
+    """Images the tiny model was not built from: smooth random fields, as photographs are smooth."""
+    generator = torch.Generator().manual_seed(3)
+    coarse = torch.rand(24, 3, 8, 8, generator=generator)
+    return [torch.nn.functional.interpolate(coarse[i : i + 8], size=(64, 64), mode="bilinear") for i in (0, 8, 16)]
+
+
+@pytest.mark.parametrize("backend", ["openvino", "auto"])
+def test_int8_is_quantized_and_stays_near_the_plain_model(model, exports, calibration, backend):
+    fast = optimize_for_inference(model, "int8", backend=backend, calibration=calibration, cache_dir=exports["folder"])
+    assert isinstance(fast, OpenVinoModel) and fast.path.parent.parent.name == "openvino-int8"
+    import openvino as ov
+
+    ir = ov.Core().read_model(str(fast.path))
+    assert any(op.get_type_name() == "FakeQuantize" for op in ir.get_ops())  # int8 ops, not float32 again
+    x = torch.cat(calibration)[:8]
+    with torch.no_grad():
+        expected = model(x)
+    out = fast(x)
+    assert_close_relative(out, expected, 0.1)  # int8 steps of 1/256 of each range, over 4 blocks
+    assert not torch.allclose(out, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_cvt_export_openvino_writes_a_model_server_layout(model, calibration, tmp_path, capsys):
+    import openvino as ov
+    from PIL import Image
+
+    from cvt.checkpoint import save_model
+    from cvt.cli import main
+
+    save_model(model, tmp_path / "tiny")
+    images = tmp_path / "calibration"
+    images.mkdir()
+    for i, batch in enumerate(calibration[:2]):
+        for j, image in enumerate(batch):
+            Image.fromarray((image.permute(1, 2, 0) * 255).byte().numpy()).save(images / f"{i}-{j}.png")
+    repository = tmp_path / "models"
+    args = ["export", "--model", str(tmp_path / "tiny"), "--format", "openvino", "--output", str(repository)]
+    assert main([*args, "--int8", "--calibration", str(images)]) == 0
+    assert "int8 OpenVINO IR" in capsys.readouterr().out
+    (version,) = repository.glob("*/1")  # OpenVINO Model Server: REPOSITORY/NAME/VERSION/model.xml + .bin
+    assert sorted(p.name for p in version.iterdir()) == ["model.bin", "model.xml"]
+    compiled = ov.Core().compile_model(str(version / "model.xml"), "CPU")
+    # at the size calibrated on: the model's input size, where the eval transform brought the images
+    x = torch.nn.functional.interpolate(calibration[2], size=tuple(model.data_config.input_size), mode="bilinear")
+    with torch.no_grad():
+        assert_close_relative(torch.from_numpy(compiled(x.numpy())[0]), model(x), 0.1)
+    assert main(args) != 0
+    assert "a version is never replaced" in capsys.readouterr().err
+    assert (version / "model.xml").is_file()
+    assert main([*args, "--int8"]) != 0
+    assert "--int8 goes with --format openvino and --calibration" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -217,13 +219,55 @@ def quantize_int8(ir: Any, batches: Sequence[torch.Tensor]) -> Any:
     """
     nncf = require("nncf", package="nncf", extra="openvino", purpose="int8 quantization")
     dataset = nncf.Dataset(list(batches), lambda batch: batch.numpy())
-    subset = sum(len(b) for b in batches)
-    return nncf.quantize(ir, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=subset)
+    return nncf.quantize(ir, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
 
 
 def save_ir(ir: Any, path: str | os.PathLike) -> None:
     """Write an IR as `path` (.xml) and its weights beside it (.bin), weights kept in their own precision."""
     _ov().save_model(ir, str(path), compress_to_fp16=False)
+
+
+def export_openvino(
+    model: CvT,
+    repository: str | os.PathLike,
+    *,
+    name: str | None = None,
+    calibration: str | os.PathLike | Iterable[Any] | None = None,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> Path:
+    """Write `model` as OpenVINO IR laid out for OpenVINO Model Server: REPOSITORY/NAME/1/model.xml and model.bin.
+
+    Args:
+        model: a `CvT` on the CPU (not modified).
+        repository: the model repository folder (created when missing).
+        name: the model's folder name; default the model's name ("/" replaced), else "cvt".
+        calibration: images to calibrate on (see `calibration_batches`) for an int8 IR; None writes float32.
+        check: compare the float32 IR with PyTorch before anything is written.
+        atol: largest max-abs difference to PyTorch accepted.
+
+    Returns:
+        The written model.xml.
+
+    Raises:
+        FileExistsError: REPOSITORY/NAME/1 exists (a version is never replaced).
+    """
+    name = name or (model.model_name or "cvt").replace("/", "_")
+    version = Path(repository) / name / "1"
+    if version.exists():
+        raise FileExistsError(f"{version} exists: remove it or pass another --output (a version is never replaced)")
+    ir = convert_openvino(model, check=check, atol=atol)
+    if calibration is not None:
+        ir = quantize_int8(ir, calibration_batches(model, calibration))
+    version.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".1-", suffix=".tmp", dir=version.parent))
+    try:
+        save_ir(ir, tmp / IR_FILE)
+        os.rename(tmp, version)  # the version appears complete or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %s", version)
+    return version / IR_FILE
 
 
 __all__ = [
@@ -234,6 +278,7 @@ __all__ = [
     "calibration_batches",
     "compile_openvino",
     "convert_openvino",
+    "export_openvino",
     "openvino_available",
     "quantize_int8",
     "save_ir",

@@ -15,8 +15,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="export a model to ONNX or TorchScript (dynamic batch/height/width, BatchNorm folded, checked)",
     )
     p.add_argument("--model", required=True, help="checkpoint path or registered name[.tag] (released weights)")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format (default: onnx)")
-    p.add_argument("--output", required=True, help="file to write")
+    p.add_argument("--format", choices=(*FORMATS, "openvino"), default="onnx", help="output format (default: onnx)")
+    p.add_argument("--output", required=True, help="file to write (openvino: the model repository, NAME/1/ inside)")
+    p.add_argument("--int8", action="store_true", help="openvino: int8 (NNCF post-training quantization)")
+    p.add_argument("--calibration", help="openvino --int8: folder of images to calibrate on (a few hundred)")
     p.add_argument(
         "--input-size",
         "--res",
@@ -40,7 +42,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.input_size is not None and len(args.input_size) not in (1, 2):
         raise UsageError(f"--input-size takes N or H W, got {args.input_size}")
+    if args.int8 != bool(args.calibration) or (args.int8 and args.format != "openvino"):
+        raise UsageError("--int8 goes with --format openvino and --calibration DIR, and --calibration with --int8")
     model = resolve_model(args.model).to(args.device)
+    if args.format == "openvino":
+        from cvt.openvino_backend import export_openvino  # noqa: PLC0415 - only this format needs openvino
+
+        path = export_openvino(model, args.output, calibration=args.calibration, check=not args.no_check)
+        print(
+            f"wrote {path} ({'int8' if args.int8 else 'float32'} OpenVINO IR, model {model.model_name or args.model})"
+        )
+        return 0
     result = export(
         model,
         args.output,
