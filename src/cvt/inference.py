@@ -272,7 +272,7 @@ def _affordable(
     torch_key = trial_key(model.cfg.to_dict(), str(dtype), 1)
     torch_s = load_trials(root).get(torch_key, {}).get("torch")
     if torch_s is None:  # one image through torch, measured once per machine and architecture
-        torch_s = seconds_per_image(build("torch"), _trial_input(model, 1), reps=1)
+        torch_s = seconds_per_image(build("torch"), _trial_input(model, 1))
         save_trial(root, torch_key, {"torch": torch_s})
     conversions = load_trials(root).get(_conversion_key(model), {})
     kinds = {"onnxruntime": "onnx", "openvino": "openvino"}
