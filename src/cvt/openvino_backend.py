@@ -179,7 +179,7 @@ def calibration_batches(
         calibration: a folder of images (searched recursively), image files, or tensors: batches (B, C, H, W) or
             single images (C, H, W), already transformed.
         batch_size: images per batch made from files.
-        limit: the most images used (NNCF's default subset is 300).
+        limit: the most images used (NNCF's default subset is 300), evenly spaced over all of them.
 
     Raises:
         ValueError: no images.
@@ -189,7 +189,8 @@ def calibration_batches(
         if not folder.is_dir():
             raise ValueError(f"calibration: {folder} is not a folder of images")
         calibration = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-    items = list(calibration)[:limit]
+    items = list(calibration)
+    items = items[:: max(1, len(items) // limit)][:limit]  # spread over the whole list (a sorted folder: every class)
     if not items:
         raise ValueError("calibration: no images given (pass a folder of images, image files, or tensors)")
     if isinstance(items[0], torch.Tensor):
