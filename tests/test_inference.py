@@ -407,8 +407,8 @@ def test_cvt_export_openvino_writes_a_model_server_layout(model, calibration, tm
     (version,) = repository.glob("*/1")  # OpenVINO Model Server: REPOSITORY/NAME/VERSION/model.xml + .bin
     assert sorted(p.name for p in version.iterdir()) == ["model.bin", "model.xml"]
     compiled = ov.Core().compile_model(str(version / "model.xml"), "CPU")
-    # at the size calibrated on: the model's input size, where the eval transform brought the images
-    x = torch.nn.functional.interpolate(calibration[2], size=tuple(model.data_config.input_size), mode="bilinear")
+    # calibrated at the model's input size (224, through the eval transform), run at 64x64: any size runs
+    x = calibration[2]
     with torch.no_grad():
         assert_close_relative(torch.from_numpy(compiled(x.numpy())[0]), model(x), 0.1)
     assert main(args) != 0

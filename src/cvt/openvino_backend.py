@@ -219,8 +219,20 @@ def quantize_int8(ir: Any, batches: Sequence[torch.Tensor]) -> Any:
         MissingExtraError: nncf is not installed.
     """
     nncf = require("nncf", package="nncf", extra="openvino", purpose="int8 quantization")
+    from nncf.quantization.advanced_parameters import (  # noqa: PLC0415
+        AdvancedQuantizationParameters,
+        QuantizationParameters,
+    )
+
     dataset = nncf.Dataset(list(batches), lambda batch: batch.numpy())
-    return nncf.quantize(ir, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+    # one scale per activation tensor: NNCF would otherwise give some activations (B, N, C) one scale per token
+    # position, fixing the IR to the calibration's token count (any other input size then fails to run)
+    per_tensor = AdvancedQuantizationParameters(
+        activations_quantization_params=QuantizationParameters(per_channel=False)
+    )
+    return nncf.quantize(
+        ir, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches), advanced_parameters=per_tensor
+    )
 
 
 def save_ir(ir: Any, path: str | os.PathLike) -> None:
