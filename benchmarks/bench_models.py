@@ -22,9 +22,11 @@ Method (so the figures can be judged):
   models' turns leave the caches cold, which a model served alone never sees.
 - Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
   `cvt.optimize_for_inference(model)` (the "torch" backend), `ours-opt-compiled` the same with `compile=True`
-  (torch.compile, default inductor settings); `ours-ort` is `backend="onnxruntime"`, our own ONNX export run by
-  onnxruntime with the row's threads; `ours-auto` is `backend="auto"`, the best path, which picks one of those by
-  batch size (float32 rows on CPU only: elsewhere "auto" is `ours-opt`); `hf` is
+  (torch.compile; inductor freezing on the CPU); `ours-ort` is `backend="onnxruntime"`, our own ONNX export run by
+  onnxruntime with the row's threads; `ours-ov` is `backend="openvino"` in the row's dtype and `ours-ov-int8` its
+  NNCF int8 model (float32 rows; "% GEMM peak" over the float32 peak); `hf-ov` is the peer a CPU user of
+  transformers picks, `ov.convert_model` on `CvtForImageClassification`, compiled as ours is; `ours-auto` is
+  `backend="auto"` with the row's batch size, the backend it measured fastest (CPU only: elsewhere `ours-opt`); `hf` is
   `transformers.CvtForImageClassification` and `hf-compiled` the same under `torch.compile`, what a user of
   transformers can do (`--no-compile` leaves both compiled rows out, `--compile-where` keeps them in some; compiling
   takes ~40 s a row on 2 cores; `--no-onnx` leaves onnxruntime out). Ours is timed with its default QuickGELU
