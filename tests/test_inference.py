@@ -213,6 +213,9 @@ def test_least_recently_used_entries_are_evicted_over_the_bound(model, exports, 
         copy_entry(exports, kind, tmp_path)
     onnx_entry = next((tmp_path / "onnx").iterdir())
     os.utime(onnx_entry / ENTRY_FILE, (1, 1))  # the ONNX entry is the least recently used
+    legacy = tmp_path / "onnx" / "cvt_13-0123456789abcdef01234567.onnx"  # what earlier versions left, unremoved
+    legacy.write_bytes(b"x" * 1000)
+    os.utime(legacy, (2, 2))
     sizes = {p.parent.name: sum(f.stat().st_size for f in p.parent.iterdir()) for p in tmp_path.glob("*/*/entry.json")}
     monkeypatch.setenv("CVT_CACHE_MAX_BYTES", str(max(sizes.values()) + 1))  # room for one entry
     torch.manual_seed(1)
@@ -220,6 +223,7 @@ def test_least_recently_used_entries_are_evicted_over_the_bound(model, exports, 
     optimize_for_inference(changed, backend="openvino", cache_dir=tmp_path)
     left = sorted(p.parent.parent.name for p in tmp_path.glob("*/*/entry.json"))
     assert left == ["openvino"] and not onnx_entry.exists()
+    assert not legacy.exists()
 
 
 def test_the_cache_bound_is_read_from_the_environment(monkeypatch):

@@ -111,8 +111,11 @@ def _warn_uncached(root: str, reason: str) -> None:
                    CACHE_ENV)  # fmt: skip
 
 
-def _remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+def _remove(entry: Path) -> None:
+    if entry.is_dir():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
 
 def _entry_problem(folder: Path, key: str) -> str | None:
@@ -179,12 +182,16 @@ def store_entry(root: str | os.PathLike, kind: str, name: str, key: str, write: 
 
 
 def entries(root: str | os.PathLike) -> list[tuple[float, int, Path]]:
-    """(last use, bytes, folder) of every entry in the cache, least recently used first."""
+    """(last use, bytes, folder) of every entry in the cache, least recently used first; the single .onnx files of
+    earlier versions (CACHE/onnx/NAME-KEY.onnx, never read now) count as entries, so that eviction removes them."""
     found = []
     for record in Path(root).glob(f"*/*/{ENTRY_FILE}"):
         with contextlib.suppress(OSError):  # removed by another process meanwhile
             size = sum(p.stat().st_size for p in record.parent.iterdir())
             found.append((record.stat().st_mtime, size, record.parent))
+    for legacy in Path(root).glob("onnx/*.onnx"):
+        with contextlib.suppress(OSError):
+            found.append((legacy.stat().st_mtime, legacy.stat().st_size, legacy))
     return sorted(found)
 
 
