@@ -544,11 +544,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
+def apply_presets(args: argparse.Namespace) -> None:
+    """The rows of `--readme` and `--short`."""
     if args.readme:
         args.models, args.batch, args.dtypes, args.reps = ["cvt_13", "cvt_21"], [1, 32], ["float32", "bfloat16"], 3
         args.no_train = args.no_memory = True
@@ -557,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.short:
         args.models, args.batch, args.dtypes, args.reps = ["cvt_13"], [1, 32], ["float32", "bfloat16"], 2
         args.no_train = args.no_memory = args.no_compile = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    apply_presets(args)
     torch.set_num_threads(args.threads)
     device = args.device
     if device != "cpu" and not torch.cuda.is_available():
