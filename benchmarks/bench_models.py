@@ -22,9 +22,11 @@ Method (so the figures can be judged):
   models' turns leave the caches cold, which a model served alone never sees.
 - Implementations: `ours` is the plain eval-mode model (what `cvt.create_model(...).eval()` runs); `ours-opt` is
   `cvt.optimize_for_inference(model)` (the "torch" backend), `ours-opt-compiled` the same with `compile=True`
-  (torch.compile, default inductor settings); `ours-ort` is `backend="onnxruntime"`, our own ONNX export run by
-  onnxruntime with the row's threads; `ours-auto` is `backend="auto"`, the best path, which picks one of those by
-  batch size (float32 rows on CPU only: elsewhere "auto" is `ours-opt`); `hf` is
+  (torch.compile; inductor freezing on the CPU); `ours-ort` is `backend="onnxruntime"`, our own ONNX export run by
+  onnxruntime with the row's threads; `ours-ov` is `backend="openvino"` in the row's dtype and `ours-ov-int8` its
+  NNCF int8 model (float32 rows; "% GEMM peak" over the float32 peak); `hf-ov` is the peer a CPU user of
+  transformers picks, `ov.convert_model` on `CvtForImageClassification`, compiled as ours is; `ours-auto` is
+  `backend="auto"` with the row's batch size, the backend it measured fastest (CPU only: elsewhere `ours-opt`); `hf` is
   `transformers.CvtForImageClassification` and `hf-compiled` the same under `torch.compile`, what a user of
   transformers can do (`--no-compile` leaves both compiled rows out, `--compile-where` keeps them in some; compiling
   takes ~40 s a row on 2 cores; `--no-onnx` leaves onnxruntime out). Ours is timed with its default QuickGELU
@@ -194,6 +196,28 @@ def onnxruntime_matmul_gflops(threads: int, n: int = 2048, reps: int = 20) -> fl
     return 2 * n**3 / min(times) / 1e9
 
 
+def openvino_matmul_gflops(threads: int, precision: str, n: int = 2048, reps: int = 20) -> float:
+    """`matmul_gflops` for OpenVINO's CPU MatMul (oneDNN): a one-node graph with a constant weight, compiled with
+    `threads` and `precision` ("f32" or "bf16") as the inference precision."""
+    import numpy as np  # noqa: PLC0415
+    import openvino as ov  # noqa: PLC0415
+    import openvino.opset13 as ops  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([n, n], np.float32)
+    graph = ov.Model([ops.matmul(a, ops.constant(rng.standard_normal((n, n), dtype=np.float32)), False, False)], [a])
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    request = ov.Core().compile_model(graph, "CPU", config).create_infer_request()
+    x = rng.standard_normal((n, n), dtype=np.float32)
+    request.infer({0: x})
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        request.infer({0: x})
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
 def peaks_child(spec: dict[str, Any]) -> None:
     """Runs in a fresh process (BLAS pools sized by the environment `in_child` sets): prints every GEMM's peak."""
     device, threads, bf16 = spec["device"], spec["threads"], spec["bf16"]
@@ -202,6 +226,10 @@ def peaks_child(spec: dict[str, Any]) -> None:
         peaks["numpy float32"] = numpy_matmul_gflops()
         if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
             peaks["onnxruntime float32"] = onnxruntime_matmul_gflops(threads)
+        if importlib.util.find_spec("openvino"):
+            peaks["openvino float32"] = openvino_matmul_gflops(threads, "f32")
+            if bf16:
+                peaks["openvino bfloat16"] = openvino_matmul_gflops(threads, "bf16")
     # without native bf16 a 2048 matmul takes minutes: show the fallback's rate on a smaller one
     peaks["torch bfloat16"] = matmul_gflops(
         torch.bfloat16, n=2048 if bf16 else 256, reps=20 if bf16 else 1, device=device
@@ -210,11 +238,10 @@ def peaks_child(spec: dict[str, Any]) -> None:
 
 
 def dtype_peaks(gemms: dict[str, float]) -> dict[str, float]:
-    """The peak each row is measured against: the best float32 GEMM of any library, torch's bfloat16 GEMM."""
-    return {
-        "float32": max(v for k, v in gemms.items() if k.endswith("float32")),
-        "bfloat16": gemms["torch bfloat16"],
-    }
+    """The peak each row is measured against: the best GEMM of any library in the row's dtype (int8 rows are
+    measured against the float32 peak: they show what quantization gains over the best float32 kernel)."""
+    best = {dtype: max(v for k, v in gemms.items() if k.endswith(dtype)) for dtype in ("float32", "bfloat16")}
+    return {**best, "int8": best["float32"]}
 
 
 # ---- implementations ----
@@ -228,17 +255,35 @@ def build(
     train: bool,
     act: str = "quick_gelu",
     device: str = "cpu",
+    batch: int | None = None,
 ) -> nn.Module:
-    """One implementation of `name` with the shared weights (seeded), in train or eval mode, on `device`."""
+    """One implementation of `name` with the shared weights (seeded), in train or eval mode, on `device` (`batch`:
+    the batch it will run, for the backends that pick a setting by it)."""
     torch.manual_seed(0)
     ours = cvt.create_model(name, act=act)
     if impl == "ours":
         return ours.train(train).to(device, dtype)
     if impl in ("ours-opt", "ours-opt-compiled"):
         return cvt.optimize_for_inference(ours.to(device).eval(), dtype=dtype, compile=impl == "ours-opt-compiled")
-    if impl in ("ours-ort", "ours-auto"):  # our ONNX export in onnxruntime (cached), and the best path "auto" picks
-        backend = "onnxruntime" if impl == "ours-ort" else "auto"
-        return cvt.optimize_for_inference(ours.to(device).eval(), dtype=dtype, backend=backend)
+    if impl in ("ours-ort", "ours-auto", "ours-ov"):  # converted backends (cached), and the one "auto" measures best
+        backend = {"ours-ort": "onnxruntime", "ours-auto": "auto", "ours-ov": "openvino"}[impl]
+        return cvt.optimize_for_inference(ours.to(device).eval(), dtype=dtype, backend=backend, batch_size=batch)
+    if impl == "ours-ov-int8":  # NNCF int8 calibrated on smooth random images (speed does not depend on them)
+        return cvt.optimize_for_inference(
+            ours.eval(), "int8", backend="openvino", calibration=smooth_images(), batch_size=batch
+        )
+    if impl == "hf-ov":  # the peer: ov.convert_model on transformers' model, compiled as ours is
+        import openvino as ov  # noqa: PLC0415
+
+        from cvt.openvino_backend import OpenVinoModel, compile_openvino  # noqa: PLC0415
+
+        hf = build("hf", name, torch.float32, extras, False, act, device)
+        with torch.no_grad():
+            ir = ov.convert_model(
+                hf, example_input=torch.randn(2, 3, 224, 224), input=[ov.PartialShape([-1, 3, -1, -1])]
+            )
+        throughput = batch is not None and batch >= 8
+        return OpenVinoModel(compile_openvino(ir, dtype, threads=torch.get_num_threads(), throughput=throughput), ours)
     if impl == "hf-fp32":  # the reference of every row, whatever the row's dtype
         return build("hf", name, torch.float32, extras, train, act, device)
     if impl in ("hf", "hf-compiled"):
@@ -251,6 +296,12 @@ def build(
         return torch.compile(hf) if impl == "hf-compiled" else hf
     module, _, factory = extras[impl].partition(":")
     return getattr(importlib.import_module(module), factory)(ours.cfg).train(train).to(device, dtype)
+
+
+def smooth_images(batches: int = 4, batch: int = 8) -> list[torch.Tensor]:
+    """Calibration batches for the int8 rows: upsampled noise, smooth as photographs are."""
+    coarse = torch.randn(batches * batch, 3, 14, 14, generator=torch.Generator().manual_seed(2))
+    return list(F.interpolate(coarse, size=(224, 224), mode="bilinear").split(batch))
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -280,12 +331,16 @@ def make_step(model: nn.Module, task: str, x: torch.Tensor) -> Callable[[], None
 def implementations(
     row: Row, extras: dict[str, str], compiled: bool = False, onnx: bool = True, device: str = "cpu"
 ) -> list[str]:
-    """The implementations timed side by side in `row` (`onnx`: include onnxruntime on our export)."""
+    """The implementations timed side by side in `row` (`onnx`: include onnxruntime on our export and OpenVINO)."""
     if row.task != "infer":
         return ["ours", "hf", *extras]
     names = ["ours", "ours-opt"] + (["ours-opt-compiled"] if compiled else [])
     if row.dtype == "float32" and onnx and device == "cpu":
-        names += ["ours-ort", "ours-auto"]  # onnxruntime runs float32 on CPU; elsewhere "auto" is ours-opt
+        names += ["ours-ort"]  # onnxruntime runs float32 on CPU
+    if onnx and device == "cpu" and importlib.util.find_spec("openvino"):
+        names += ["ours-ov", "hf-ov"] + (["ours-ov-int8"] if row.dtype == "float32" else [])
+    if onnx and device == "cpu":
+        names += ["ours-auto"]  # elsewhere "auto" is ours-opt
     names += ["hf"] + (["hf-compiled"] if compiled else [])
     if row.dtype != "float32":
         names.append("hf-fp32")
@@ -294,7 +349,7 @@ def implementations(
 
 def takes_float32_images(impl: str) -> bool:
     """Whether `impl` is fed the float32 images (it converts them itself) rather than images of the row's dtype."""
-    return impl.startswith("ours-") or impl == "hf-fp32"
+    return impl.startswith("ours-") or impl in ("hf-fp32", "hf-ov")
 
 
 # ---- measurements ----
@@ -352,7 +407,7 @@ def time_row(row: Row, extras: dict[str, str], reps: int, compiled: bool, onnx: 
     x = torch.randn(row.batch, 3, row.size, row.size, generator=torch.Generator().manual_seed(0)).to(device)
     steps = {}
     for impl in implementations(row, extras, compiled, onnx, device):
-        model = build(impl, row.model, dtype, extras, row.task == "train", device=device)
+        model = build(impl, row.model, dtype, extras, row.task == "train", device=device, batch=row.batch)
         steps[impl] = make_step(model, row.task, x if takes_float32_images(impl) else x.to(dtype))
         for _ in range(2 if row.batch == 1 else 1):
             steps[impl]()
@@ -431,7 +486,7 @@ def table(rows: list[Row], peaks: dict[str, float], macs: dict[tuple[str, int], 
         fp32 = row.results.get("hf-fp32", same if row.dtype == "float32" else None)
         for impl, speed in row.results.items():
             flops = 2 * macs[(row.model, row.size)] * (3 if row.task == "train" else 1)
-            peak = peaks["float32" if impl == "hf-fp32" else row.dtype]
+            peak = peaks["float32" if impl in ("hf-fp32", "ours-ov-int8") else row.dtype]
             frac = f"{100 * speed * flops / 1e9 / peak:.0f}%" if peak else "-"
             ratios = [f"{speed / ref:.2f}x" if ref else "-" for ref in (fp32, same)]
             mem = row.memory.get(impl)
@@ -467,12 +522,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DTYPE:BATCH",
         help="time the torch.compile implementations only in these inference rows (e.g. float32:1 bfloat16:32)",
     )
-    parser.add_argument("--no-onnx", action="store_true", help="leave out onnxruntime (ours-ort, ours-auto)")
+    parser.add_argument(
+        "--no-onnx", action="store_true", help="leave out the converted backends (ours-ort, ours-ov*, hf-ov, ours-auto)"
+    )
     parser.add_argument(
         "--readme",
         action="store_true",
         help="the README's table, bounded (~20 min on 2 cores): CvT-13 and CvT-21 at 224, inference at batch 1 "
         "and 32 in float32 and bfloat16, compiled where it matters, 3 reps, no memory or training rows",
+    )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="a quick look: CvT-13 at 224, inference at batch 1 and 32, float32 and bfloat16, 2 reps, none compiled",
     )
     parser.add_argument("--markdown", metavar="FILE", help="also write the machine, the peaks and the table to FILE")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 kernels")
@@ -482,16 +544,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
+def apply_presets(args: argparse.Namespace) -> None:
+    """The rows of `--readme` and `--short`."""
     if args.readme:
         args.models, args.batch, args.dtypes, args.reps = ["cvt_13", "cvt_21"], [1, 32], ["float32", "bfloat16"], 3
         args.no_train = args.no_memory = True
         # float32 at batch 32 is left uncompiled: there compiling won nothing for either model in earlier runs
         args.compile_where = args.compile_where or ["float32:1", "bfloat16:1", "bfloat16:32"]
+    if args.short:
+        args.models, args.batch, args.dtypes, args.reps = ["cvt_13"], [1, 32], ["float32", "bfloat16"], 2
+        args.no_train = args.no_memory = args.no_compile = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    apply_presets(args)
     torch.set_num_threads(args.threads)
     device = args.device
     if device != "cpu" and not torch.cuda.is_available():
@@ -544,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Measured with `{command}` ({minutes:.0f} min): {host}; allocator: {args.allocator}.",
             "",
             f'{peak_text} GFLOP/s. "% GEMM peak" is the model\'s FLOPs per second over the best float32 GEMM '
-            f"({peaks['float32']:.0f}) in float32 rows, over torch's bfloat16 GEMM ({peaks['bfloat16']:.0f}) in "
-            "bfloat16 rows.",
+            f"({peaks['float32']:.0f}) in float32 and int8 rows, over the best bfloat16 GEMM ({peaks['bfloat16']:.0f}) "
+            "in bfloat16 rows.",
             "",
         ]
         with open(args.markdown, "w") as f:

@@ -1,6 +1,10 @@
-"""Top-1 agreement of `optimize_for_inference(model, dtype=torch.bfloat16)` with the float32 model on a dataset.
+"""Top-1 agreement of `optimize_for_inference(model, dtype=torch.bfloat16 or "int8")` with the float32 model.
 
     .venv/bin/python benchmarks/bf16_agreement.py --model runs/demo-<date>/best.pt --data data/demo
+    .venv/bin/python benchmarks/bf16_agreement.py --model best.pt --data data/demo --calibration data/demo/train
+
+With `--calibration DIR` (images, e.g. the training split: up to 300 are used) it adds OpenVINO's bfloat16 and its
+NNCF int8 model calibrated on them (`pip install 'cvt-pytorch[openvino]'`).
 
 Evaluates the split with the model's own evaluation transform and prints top-1 for the plain float32 model, the
 optimized float32 model and the optimized bfloat16 model, how often their top-1 agrees with the plain model's, and
@@ -25,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="dataset folder (its val/ split when it has one)")
     parser.add_argument("--split", default=None)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--calibration", help="folder of images to calibrate OpenVINO's int8 model on")
     args = parser.parse_args(argv)
 
     model = cvt.resolve_model(args.model).eval()
@@ -34,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")  # the no-native-bf16 warning: expected here
         fast = {"fp32-opt": cvt.optimize_for_inference(model),
                 "bf16-opt": cvt.optimize_for_inference(model, dtype=torch.bfloat16)}  # fmt: skip
+        if args.calibration:
+            fast["bf16-ov"] = cvt.optimize_for_inference(model, torch.bfloat16, backend="openvino")
+            fast["int8-ov"] = cvt.optimize_for_inference(
+                model, "int8", backend="openvino", calibration=args.calibration, batch_size=args.batch_size
+            )
     labels, outputs = [], {"fp32": [], **{name: [] for name in fast}}
     with torch.inference_mode():
         for x, y in loader:

@@ -196,3 +196,15 @@ def test_optimized_model_exports_to_onnx(tmp_path):
         expected = model(y)
     (out,) = session.run(None, {session.get_inputs()[0].name: y.numpy()})
     assert_close_relative(torch.from_numpy(out), expected, 1e-5)
+
+
+@pytest.mark.slow  # compiling takes a minute or more on 2 cores
+def test_compiled_cpu_model_with_frozen_weights_equals_the_plain_model():
+    from torch._inductor import config
+
+    model = tiny_model()
+    fast = rewrite_for_inference(model, compile=True)  # inductor's freezing on the CPU
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        assert_close_relative(fast(x), model(x), 1e-4)
+    assert config.freezing is False  # set for this model only

@@ -125,7 +125,7 @@ def _input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> tup
     return size
 
 
-def _default_check_shapes(in_chans: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def default_check_shapes(in_chans: int, size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
     # batch 1 at the export size, then batch 3 at an odd, non-square size (its k/v grids round up) a quarter
     # the area, so that the check costs little more than one forward pass
     h, w = size
@@ -163,7 +163,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return folded
 
 
-def _check(
+def compare_with_pytorch(
     run: Any,
     model: nn.Module,
     shapes: Sequence[Sequence[int]],
@@ -261,12 +261,31 @@ def export_onnx(
             cannot trace from; OutputError (a ValueError) for a folder where the file goes.
         MissingExtraError: onnx, onnxscript (the exporter) or onnxruntime (the check) is not installed.
     """
+    path = check_output(path, folder=False, suggest="model.onnx")  # before the export's minutes
+    data, checks = onnx_bytes(
+        model, input_size=input_size, opset=opset, check=check, check_shapes=check_shapes, atol=atol
+    )
+    with atomic_write(path) as f:
+        f.write(data)
+    logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
+    return ExportResult(path, "onnx", checks)
+
+
+def onnx_bytes(
+    model: nn.Module,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    check_shapes: Sequence[Sequence[int]] | None = None,
+    atol: float = 1e-4,
+) -> tuple[bytes, list[tuple[tuple[int, ...], float]]]:
+    """`export_onnx`'s graph, serialised, and its checks, without writing a file (arguments as `export_onnx`)."""
     onnx = require("onnx", package="onnx", extra="export", purpose="ONNX export")
     require("onnxscript", package="onnxscript", extra="export", purpose="ONNX export")  # torch's dynamo exporter
     if check:
         require("onnxruntime", package="onnxruntime", extra="export", purpose="checking an ONNX export")
     check_opset(opset)
-    path = check_output(path, folder=False, suggest="model.onnx")
     size = _input_size(model, input_size)
     folded = prepare_for_export(model)
     in_chans = folded.cfg.in_chans
@@ -297,12 +316,9 @@ def export_onnx(
     if check:
         session = onnx_session(data)
         input_name = session.get_inputs()[0].name
-        shapes = check_shapes or _default_check_shapes(in_chans, size)
-        checks = _check(lambda x: session.run(None, {input_name: x.numpy()}), model, shapes, atol, "ONNX")
-    with atomic_write(path) as f:
-        f.write(data)
-    logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
-    return ExportResult(path, "onnx", checks)
+        shapes = check_shapes or default_check_shapes(in_chans, size)
+        checks = compare_with_pytorch(lambda x: session.run(None, {input_name: x.numpy()}), model, shapes, atol, "ONNX")
+    return data, checks
 
 
 def export_torchscript(
@@ -359,8 +375,8 @@ def export_torchscript(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             reloaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
-        shapes = check_shapes or _default_check_shapes(in_chans, size)
-        checks = _check(lambda x: _as_list(reloaded(x)), model, shapes, atol, "TorchScript")
+        shapes = check_shapes or default_check_shapes(in_chans, size)
+        checks = compare_with_pytorch(lambda x: _as_list(reloaded(x)), model, shapes, atol, "TorchScript")
     with atomic_write(path) as f:
         f.write(data)
     logger.info("wrote %s (%.1f MB)", path, len(data) / 1e6)
@@ -386,6 +402,9 @@ __all__ = [
     "export",
     "export_onnx",
     "export_torchscript",
+    "compare_with_pytorch",
+    "default_check_shapes",
+    "onnx_bytes",
     "onnx_session",
     "prepare_for_export",
     "supported_opsets",

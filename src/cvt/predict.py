@@ -40,16 +40,18 @@ def inference_model(
     optimize: bool = True,
     backend: str = "auto",
     batch_size: int | None = None,
+    images: int | None = None,
 ) -> nn.Module:
     """`model` on `device` in eval mode, as `cvt eval` and `cvt predict` run it.
 
-    A `CvT` goes through `cvt.optimize_for_inference(model, backend=backend, batch_size=batch_size)` unless
-    `optimize` is False: the same outputs (float32, 1e-4 relative at most), faster, and less memory. `batch_size`
-    is the largest batch that will be passed ("auto" picks by it). Other modules are used as they are.
+    A `CvT` goes through `cvt.optimize_for_inference(model, backend=backend, batch_size=batch_size, images=images)`
+    unless `optimize` is False: the same outputs (float32, 1e-4 relative at most), faster, and less memory.
+    `batch_size` is the largest batch that will be passed and `images` how many in all ("auto" decides by them).
+    Other modules are used as they are.
     """
     model = model.to(device).eval()
     if optimize and isinstance(model, CvT) and not is_optimized(model):
-        return optimize_for_inference(model, backend=backend, batch_size=batch_size)
+        return optimize_for_inference(model, backend=backend, batch_size=batch_size, images=images)
     return model
 
 
@@ -117,7 +119,7 @@ def evaluate_model(
     """
     dataset = open_eval_dataset(model, data, split=split)
     batches = _ReadableBatches(dataset, batch_size=batch_size, num_workers=num_workers)
-    model = inference_model(model, device, optimize, backend, min(batch_size, len(dataset)))
+    model = inference_model(model, device, optimize, backend, min(batch_size, len(dataset)), len(dataset))
     res = evaluate(model, batches, num_classes=model.num_classes, device=device, progress=progress)
     confusion = res["confusion"]
     names = _class_names(model) or [str(c) for c in dataset.classes]
@@ -254,7 +256,7 @@ def predict_images(
     transform = create_eval_transform(model.data_config)
     names = _class_names(model)
     paths = [Path(p) for p in images]
-    model = inference_model(model, device, optimize, backend, min(batch_size, len(paths)))
+    model = inference_model(model, device, optimize, backend, min(batch_size, len(paths)), len(paths))
     k = min(topk, model.num_classes)
     out: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):

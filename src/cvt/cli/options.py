@@ -39,8 +39,8 @@ def add_batch_size_option(parser: argparse.ArgumentParser, default: int) -> None
 def add_backend_option(parser: argparse.ArgumentParser) -> None:
     """`--backend`: what runs the optimized model."""
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="what runs the optimized model: torch, onnxruntime (exported once, cached) or auto "
-                        "(default: onnxruntime for float32 on CPU when installed, else torch)")  # fmt: skip
+                        help="what runs the optimized model: torch, onnxruntime, openvino (converted once, cached) or "
+                        "auto (default: the fastest measured on this machine, README: Performance)")  # fmt: skip
 
 
 def print_stdout(text: str) -> bool:
