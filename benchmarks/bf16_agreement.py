@@ -20,7 +20,7 @@ import warnings
 import torch
 
 import cvt
-from cvt.predict import open_eval_dataset
+from cvt.evaluate import open_eval_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

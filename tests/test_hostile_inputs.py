@@ -315,7 +315,8 @@ class Exhausted(torch.nn.Module):
 @pytest.mark.parametrize("fail", [cpu_out_of_memory, cuda_out_of_memory, memory_error], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_out_of_memory_names_batch_size(data, model_dir, tmp_path, monkeypatch, capsys, command, fail):
-    monkeypatch.setattr("cvt.predict.inference_model", lambda *args, **kwargs: Exhausted(fail))
+    module = "cvt.evaluate" if command == "eval" else "cvt.predict"
+    monkeypatch.setattr(f"{module}.inference_model", lambda *args, **kwargs: Exhausted(fail))
     args = ["--data", str(data), "--output", str(tmp_path / "eval")] if command == "eval" else [str(data / "val")]
     assert main([command, "--model", str(model_dir), *args, "--batch-size", "16"]) == 1
     err = capsys.readouterr().err  # eval's progress bar, then one line

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from cvt.data import make_dataset
+from cvt.evaluate import evaluate_model, plot_confusion
 from cvt.factory import load_model
 from cvt.fileio import write_json
-from cvt.predict import evaluate_model, plot_confusion, predict_images
+from cvt.predict import predict_images
 from cvt.train import load_config, load_config_module, train
 
 TARGET_TOP1 = 90.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from cvt.cli.options import add_backend_option, add_batch_size_option, batch_memory_hint, emit_json, print_stdout
 from cvt.cli.usage import DeviceAction, add_json_option
+from cvt.evaluate import evaluate_model, plot_confusion
 from cvt.factory import resolve_model
 from cvt.fileio import write_json
-from cvt.predict import evaluate_model, plot_confusion
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
