@@ -3,6 +3,7 @@ to the data's classes (kept, re-ordered or re-initialised, and said so in one lo
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,32 @@ def test_cli_starts_a_registered_model_from_random_weights_offline(shapes, tmp_p
     assert json.loads(capsys.readouterr().out)["global_step"] == 1
     assert json.loads((out / "config.json").read_text())["pretrained"] is False
     assert cvt.load_model(out / "last.pt").model_name == "cvt_13-custom"  # the run's weights, not released ones
+
+
+def test_cli_finetune_reads_the_checkpoint_and_lists_the_training_split_once(shapes, tmp_path, monkeypatch, capsys):
+    # before: planning built the whole model to read its data config and listed the training split to size the
+    # run, then the run read the checkpoint and listed the split again
+    from cvt.checkpoint import read as checkpoint_read
+    from cvt.cli import main
+    from cvt.data import datasets
+
+    saved_model(tmp_path / "pre", ["w", "x", "y", "z"])
+    weight_reads, listed = [], []
+    read_weights_file, folder_init = checkpoint_read.read_weights_file, datasets.FolderDataset.__init__
+
+    def counted_read(path):
+        weight_reads.append(path)
+        return read_weights_file(path)
+
+    def counted_init(self, root, **kwargs):
+        listed.append(Path(root).name)
+        folder_init(self, root, **kwargs)
+
+    monkeypatch.setattr(checkpoint_read, "read_weights_file", counted_read)
+    monkeypatch.setattr(datasets.FolderDataset, "__init__", counted_init)
+    args = ["train", "--model", str(tmp_path / "pre"), "--data", str(shapes), "--output", str(tmp_path / "run"),
+            "--set", "max_steps=1", "--set", "num_workers=0", "--set", "progress=False"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 1
+    assert len(weight_reads) == 1 and Path(weight_reads[0]).parent == tmp_path / "pre"
+    assert sorted(listed) == ["train", "val"]

@@ -24,6 +24,7 @@ from .checkpoint.infer import infer_config as _infer_from_weights
 from .config import TRAINING_FIELDS, CvTConfig, DataConfig, PretrainedCfg, reject_unknown_fields
 from .features import CvTFeatures
 from .hub import download_weights
+from .identity import ModelIdentity
 from .model import CvT
 from .variants import VARIANTS, find_official_file, identify, match_variant, model_config, resolve
 
@@ -208,18 +209,37 @@ def model_from_checkpoint(
     model = CvT(cfg)
     load_state_dict_strict(model, state, source=source, allow_missing=allow_missing)
     model.eval()
+    model.identity = _file_identity(ckpt, cfg, file_cfg, class_names, name, data)
+    return model
+
+
+def _file_identity(
+    ckpt: Checkpoint,
+    cfg: CvTConfig,
+    file_cfg: CvTConfig,
+    class_names: list[str] | None,
+    name: str | None,
+    data: DataConfig | None,
+) -> ModelIdentity:
+    """The identity of a model of architecture `cfg` holding the weights of `ckpt` (file architecture `file_cfg`)."""
     if ckpt.format == "official":  # the authors' file name tells 224 from 384 weights
         found = find_official_file(ckpt.source.name)
         name = found[0] if found and match_variant(cfg) == found[0].partition(".")[0] else name
     kept_head = cfg.num_classes == file_cfg.num_classes
-    model.identity = identify(
+    return identify(
         cfg,
         name or ckpt.model_name,
         data=ckpt.data_config or data,
         class_names=class_names,
         imagenet_head=kept_head and ckpt.format in ("official", "hf"),
     )
-    return model
+
+
+def checkpoint_identity(ckpt: Checkpoint) -> ModelIdentity:
+    """The identity `model_from_checkpoint(ckpt)` gives its model (name, released weights it still is, data config,
+    class names), decided without building the model."""
+    cfg = _file_architecture(ckpt, None, {})
+    return _file_identity(ckpt, cfg, cfg, _class_names(ckpt, cfg.num_classes), None, None)
 
 
 def load_model(path: str | os.PathLike, *, num_classes: int | None = None, ema: bool = False, **overrides: Any) -> CvT:
@@ -260,4 +280,11 @@ def resolve_model(spec: str | os.PathLike, **kwargs: Any) -> CvT:
     return create_model(str(spec), pretrained=True, **kwargs)
 
 
-__all__ = ["create_model", "infer_config", "load_model", "model_from_checkpoint", "resolve_model"]
+__all__ = [
+    "checkpoint_identity",
+    "create_model",
+    "infer_config",
+    "load_model",
+    "model_from_checkpoint",
+    "resolve_model",
+]

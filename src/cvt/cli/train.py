@@ -11,12 +11,13 @@ import os
 from cvt.cli.usage import DeviceAction, UsageError, add_overwrite_option
 from cvt.train import (
     PREEMPTED_EXIT_CODE,
+    FineTuneStart,
     TrainConfig,
     apply_overrides,
-    finetune_config,
     load_config,
     load_config_module,
     parse_overrides,
+    plan_finetune,
     read_resume_checkpoint,
     resolve_resume,
     shipped_configs,
@@ -65,6 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the arguments describe; the options' values travel typed, `--set`'s are parsed once."""
+    return _plan(args)[0]
+
+
+def _plan(args: argparse.Namespace) -> tuple[TrainConfig, FineTuneStart | None]:
+    """`build_config`'s config, and what fine-tuning planning read for `train` to build from (or None)."""
+    start = None
     extra = parse_overrides(args.overrides)
     extra.update({k: v for k, v in (("data", args.data), ("output", args.output), ("device", args.device)) if v})
     if args.overwrite:
@@ -74,7 +81,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     elif args.model:
         if not args.data:
             raise UsageError("--model needs --data DIR: the dataset to fine-tune on")
-        cfg = finetune_config(args.model, args.data, extra)
+        cfg, start = plan_finetune(args.model, args.data, extra)
     elif args.resume:
         output = args.output or ("." if args.resume == "auto" else None)
         path = resolve_resume(args.resume, output or ".")
@@ -86,7 +93,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         raise UsageError("pass --config, --model with --data, or --resume with a checkpoint")
     if args.resume:
         cfg = apply_overrides(cfg, {"resume": args.resume})
-    return cfg
+    return cfg, start
 
 
 def _fields_help() -> str:
@@ -99,7 +106,8 @@ def _fields_help() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = train(build_config(args))
+    cfg, start = _plan(args)
+    summary = train(cfg, start=start)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     if summary.get("preempted"):  # stopped by SIGTERM/SIGUSR1 with the state saved: a scheduler re-queues it

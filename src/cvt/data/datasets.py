@@ -19,6 +19,7 @@ size); the tar dataset drops it. With `strict=True` the first unreadable file ra
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -81,6 +82,13 @@ class ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentation `__getitem__` reproduces."""
         self.epoch = int(epoch)
+
+    def with_transform(self, transform: Callable | None, *, seed: int) -> ImageDataset:
+        """A copy over the same samples (nothing listed or read again) through `transform`, augmentation seeded
+        with `seed`."""
+        other = copy.copy(self)
+        other.transform, other.seed, other.skipped = transform, seed, dict(self.skipped)
+        return other
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -48,7 +48,7 @@ from .config import (
     shipped_configs,
 )
 from .distributed import ResumableSampler
-from .finetune import finetune_config
+from .finetune import FineTuneStart, finetune_config, plan_finetune
 from .loop import train
 from .preempt import PREEMPTED_EXIT_CODE
 from .rng import rng_state, set_rng_state
@@ -63,6 +63,8 @@ __all__ = [
     "apply_overrides",
     "find_config",
     "finetune_config",
+    "plan_finetune",
+    "FineTuneStart",
     "load_config",
     "load_config_module",
     "parse_overrides",

@@ -13,11 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from .. import data as cdata
+from ..checkpoint import Checkpoint
+from ..data import ImageDataset
 from ..engine import Learner, ModelEma, StepSettings
-from ..factory import create_model, resolve_model
+from ..factory import create_model, model_from_checkpoint, resolve_model
 from ..variants import identify, is_registered
 from .config import TrainConfig
 from .distributed import DistEnv, PaddedEval, ResumableSampler, wrap_model
+from .finetune import FineTuneStart
 from .optimizer import WarmupCosineSchedule, create_optimizer, scaled_lr
 from .preempt import ShieldedLoader
 from .rng import seed_everything
@@ -92,16 +95,18 @@ def check_options(cfg: TrainConfig, env: DistEnv) -> None:
         )
 
 
-def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
-    """Build the run's data, model, optimiser, schedule and loss, in an order that fixes every random draw."""
-    train_ds, val_ds, classes = build_datasets(cfg, env)
+def build_run(cfg: TrainConfig, env: DistEnv, start: FineTuneStart | None = None) -> Run:
+    """Build the run's data, model, optimiser, schedule and loss, in an order that fixes every random draw; from
+    what `plan_finetune` read (`start`) where it fits `cfg`, instead of reading the checkpoint and split again."""
+    start = start if start is not None and start.fits(cfg) else None
+    train_ds, val_ds, classes = build_datasets(cfg, env, start.train_set if start else None)
     num_classes = len(classes)
     if num_classes < 2:
         raise ValueError(f"the training set has {num_classes} class(es); at least 2 are needed")
 
     # the same initial weights on every rank (FSDP does not broadcast them), then per-rank randomness
     seed_everything(cfg.seed)
-    net = model_to_train(cfg, classes)
+    net = model_to_train(cfg, classes, start.checkpoint if start else None)
     # trained weights are the run's, not released ones: named by the architecture ("cvt_13", "cvt_13-custom")
     net.identity = identify(net.cfg, net.model_name.partition(".")[0], data=cfg.data_config(), class_names=classes)
     if cfg.grad_checkpointing:
@@ -169,15 +174,18 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     )
 
 
-def model_to_train(cfg: TrainConfig, classes: list[str]) -> nn.Module:
+def model_to_train(cfg: TrainConfig, classes: list[str], checkpoint: Checkpoint | None = None) -> nn.Module:
     """The model to train: a registered variant, or with `cfg.init` the checkpoint to fine-tune, its head fitted
-    to `classes` (see `fit_head`)."""
+    to `classes` (see `fit_head`); `checkpoint` is `cfg.init` already read."""
     if not cfg.init:
         return create_model(cfg.model, num_classes=len(classes), **cfg.model_kwargs)
     if not cfg.pretrained:  # a registered architecture from random weights (`check_options` refused a path)
         return create_model(cfg.init, num_classes=len(classes), **cfg.model_kwargs)
     # fine-tuning: the architecture is the checkpoint's; model_kwargs change it (e.g. drop path)
-    net = resolve_model(cfg.init, **cfg.model_kwargs)
+    if checkpoint is not None:
+        net = model_from_checkpoint(checkpoint, **cfg.model_kwargs)
+    else:
+        net = resolve_model(cfg.init, **cfg.model_kwargs)
     loaded = len(net.state_dict())
     reinit, why = fit_head(net, classes)
     logger.info(
@@ -225,8 +233,11 @@ def fit_head(net: nn.Module, classes: list[str]) -> tuple[list[str], str]:
     return [name for name, _ in net.get_classifier().named_parameters(prefix="head")], why
 
 
-def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset | None, list[str]]:
-    """(training set, validation set or None, class names) with the training and evaluation transforms."""
+def build_datasets(
+    cfg: TrainConfig, env: DistEnv, listed: ImageDataset | None = None
+) -> tuple[Dataset, Dataset | None, list[str]]:
+    """(training set, validation set or None, class names) with the training and evaluation transforms; `listed`
+    is the training split already listed (without a transform)."""
     if cfg.data is None:
         raise ValueError("no training data: set `data` (--data DIR)")
     train_tf = cdata.create_train_transform(
@@ -243,7 +254,10 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset | N
     )
     common = {"rank": env.rank, "world_size": env.world_size, "seed": cfg.seed}
     # shuffle only applies to tar shards (map-style data is shuffled by the sampler)
-    train_ds = cdata.open_dataset(cfg.data, split=cfg.train_split, transform=train_tf, shuffle=True, **common)
+    if listed is not None:
+        train_ds = listed.with_transform(train_tf, seed=cfg.seed)
+    else:
+        train_ds = cdata.open_dataset(cfg.data, split=cfg.train_split, transform=train_tf, shuffle=True, **common)
     val_ds = None
     if cfg.val_split:
         eval_tf = cdata.create_eval_transform(cfg.data_config())

@@ -26,6 +26,9 @@ config.json, which a resume reads back):
 
 `--set key=value` overrides any of it; a batch size, epoch count or warm-up set that way is kept, and the fields
 derived from it follow (the epochs from the batch size, the warm-up from the epochs).
+
+Planning reads the checkpoint once and lists the training split once; `plan_finetune` hands both to
+`train(cfg, start=...)` (a `FineTuneStart`), which builds the model and the training set from them.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..checkpoint import Checkpoint, read_checkpoint
 from ..config import DataConfig
-from ..data import open_dataset
-from ..factory import load_model
+from ..data import ImageDataset, open_dataset
+from ..factory import checkpoint_identity
 from ..variants import is_registered, resolve
 from .config import TrainConfig, apply_overrides, parse_overrides
 
@@ -68,13 +73,38 @@ def default_batch_size(num_images: int) -> int:
     return min(BATCH_SIZE, 2 ** int(math.log2(quarter)))
 
 
-def _start(model: str, pretrained: bool) -> tuple[DataConfig, bool]:
-    """(the evaluation protocol of `model`, whether it starts from released weights): a registered name's from the
-    registry (nothing built or downloaded), a checkpoint's from its identity."""
+@dataclass(frozen=True)
+class FineTuneStart:
+    """What planning a fine-tuning run read, for `train(cfg, start=...)` to build from instead of reading it again.
+
+    Attributes:
+        init: the checkpoint or registered name it starts from (`TrainConfig.init`).
+        data: the dataset (`TrainConfig.data`).
+        train_split: the split listed (`TrainConfig.train_split`).
+        checkpoint: the checkpoint read; None for a registered name (nothing was read).
+        train_set: the training split, listed without a transform; None for tar shards (opened per rank).
+    """
+
+    init: str
+    data: str
+    train_split: str
+    checkpoint: Checkpoint | None
+    train_set: ImageDataset | None
+
+    def fits(self, cfg: TrainConfig) -> bool:
+        """Whether `cfg` starts from this checkpoint and trains on this split."""
+        return (cfg.init, cfg.data, cfg.train_split) == (self.init, self.data, self.train_split)
+
+
+def _start(model: str, pretrained: bool) -> tuple[DataConfig, bool, Checkpoint | None]:
+    """(the evaluation protocol of `model`, whether it starts from released weights, the checkpoint read): a
+    registered name's from the registry (nothing read or downloaded), a checkpoint's from its identity (the file
+    read once, no model built)."""
     if is_registered(model):
-        return resolve(model)[3].data, pretrained
-    identity = load_model(model).identity
-    return identity.data, identity.weights is not None
+        return resolve(model)[3].data, pretrained, None
+    ckpt = read_checkpoint(model)
+    identity = checkpoint_identity(ckpt)
+    return identity.data, identity.weights is not None, ckpt
 
 
 def finetune_config(model: str, data: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> TrainConfig:
@@ -89,17 +119,25 @@ def finetune_config(model: str, data: str, overrides: Sequence[str] | Mapping[st
         A config with every field resolved: `init=model`, the model's evaluation protocol, and the schedule
         sized to the training set.
     """
+    return plan_finetune(model, data, overrides)[0]
+
+
+def plan_finetune(
+    model: str, data: str, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> tuple[TrainConfig, FineTuneStart]:
+    """`finetune_config`'s config, and what it read to decide it (the checkpoint, the training split's listing)
+    for `train(cfg, start=...)`, so that a run reads each once."""
     overrides = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     keys = {key.partition(".")[0] for key in overrides}
     probe = apply_overrides(TrainConfig(data=data), overrides)  # the split, the start, the device
-    data_config, released = _start(model, probe.pretrained)
+    data_config, released, ckpt = _start(model, probe.pretrained)
     height, width = data_config.input_size
     if height != width and "input_size" not in keys:
         raise ValueError(f"{model} is evaluated at {height}x{width}; fine-tuning trains square inputs: "
                          "--set input_size=N")  # fmt: skip
     rates, optimizer = LR_PER_256[released]
     optimizer = overrides.get("optimizer", optimizer)
-    num_images = _count_images(probe.data, probe.train_split)
+    num_images, train_set = _training_split(probe.data, probe.train_split)
     cfg = TrainConfig(
         init=model,
         data=data,
@@ -134,14 +172,18 @@ def finetune_config(model: str, data: str, overrides: Sequence[str] | Mapping[st
         derived["epochs"] = max(1, round(schedule_steps(num_images) / steps_per_epoch))
     if "warmup_epochs" not in keys:
         derived["warmup_epochs"] = WARMUP_FRACTION * derived.get("epochs", cfg.epochs)
-    return dataclasses.replace(cfg, **derived)
+    cfg = dataclasses.replace(cfg, **derived)
+    return cfg, FineTuneStart(model, probe.data, probe.train_split, ckpt, train_set)
 
 
-def _count_images(data: str, split: str) -> int:
+def _training_split(data: str, split: str) -> tuple[int, ImageDataset | None]:
+    """(images in the training split, the split listed, or None for tar shards: each rank opens its own)."""
+    dataset = open_dataset(data, split=split)
     try:
-        return len(open_dataset(data, split=split))
+        num_images = len(dataset)
     except TypeError as err:
         raise ValueError(f"{data}: the training split has no length; pass --set epochs=N") from err
+    return num_images, dataset if isinstance(dataset, ImageDataset) else None
 
 
-__all__ = ["finetune_config", "schedule_steps", "default_batch_size"]
+__all__ = ["FineTuneStart", "finetune_config", "plan_finetune", "schedule_steps", "default_batch_size"]

@@ -19,6 +19,7 @@ from ..engine import EpochMeter, EpochPlan, NonFiniteLossError, evaluate, train_
 from .build import Run, build_run, check_options
 from .config import TrainConfig
 from .distributed import DistEnv, setup_env, sync_buffers, teardown_env
+from .finetune import FineTuneStart
 from .preempt import PREEMPTED_EXIT_CODE, StopRequest
 from .rng import deterministic
 from .run_dir import RunDir
@@ -27,8 +28,11 @@ from .state import PREVIOUS, TrainState, repair_best, resolve_resume, restore, s
 logger = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, start: FineTuneStart | None = None) -> dict[str, Any]:
     """Train (or resume training) as `cfg` says; returns the summary also written to summary.json.
+
+    `start`: what `plan_finetune` read to make `cfg` (the checkpoint, the training split's listing), built from
+    instead of being read again.
 
     Under `torchrun` (WORLD_SIZE > 1) this runs data-parallel on every process: DDP, or FSDP2 with `cfg.fsdp`.
     The process group is created here when none exists, and destroyed at the end.
@@ -52,7 +56,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             output = Path(cfg.output)
             if resume is None and (output / "last.pt").exists():
                 raise ValueError(f"{output} already holds a run (last.pt): resume it or choose another output")
-            run = build_run(cfg, env)
+            run = build_run(cfg, env, start)
             state = restore(resume, run, cfg, env) if resume is not None else TrainState()
             if resume is not None:
                 repair_best(run_dir.path, run, state, cfg, env)
