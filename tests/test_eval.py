@@ -15,7 +15,6 @@ from cvt.checkpoint import save_model
 from cvt.cli import main
 from cvt.config import CvTConfig, DataConfig
 from cvt.data import create_eval_transform, load_image, make_dataset
-from cvt.inference import OnnxRuntimeModel
 from cvt.model import CvT
 from cvt.optimize import InferenceBlock
 from cvt.predict import inference_model, predict_images
@@ -112,9 +111,8 @@ def test_predict_runs_the_optimized_model_with_the_plain_models_numbers(shapes):
     with torch.no_grad():
         expected = model(torch.stack([transform(load_image(p)) for p in images])).softmax(-1)
     assert any(isinstance(m, InferenceBlock) for m in inference_model(model, backend="torch").modules())
-    # "auto" on CPU with onnxruntime installed: onnxruntime for small batches, torch for large ones
-    assert isinstance(inference_model(model, batch_size=1), OnnxRuntimeModel)
-    assert not isinstance(inference_model(model, batch_size=64), OnnxRuntimeModel)
+    # which backend "auto" takes is measured on the machine (tests/test_inference.py checks the choice with recorded
+    # timings); whichever it takes gives the plain model's numbers below
     assert inference_model(model, optimize=False) is model
     for optimize, backend in ((True, "torch"), (True, "onnxruntime"), (False, "auto")):
         results = predict_images(model, images, topk=6, batch_size=5, optimize=optimize, backend=backend)
